@@ -1,0 +1,24 @@
+"""pifa: post-training low-rank compression of transformer models (MPIFA, SVD-LLM, SVD).
+
+Public API::
+
+    pifa.LowRankLinear, pifa.PivotLinear          # compressed layers
+    pifa.rank_for_density(out, in, density, kind)  # rank maths
+    pifa.save_compressed(model, path), pifa.load_compressed(path)
+"""
+
+from ._version import __version__
+from .layers import LowRankLinear, PivotLinear
+from .pivot import select_pivots
+from .ranks import rank_for_density
+from .serialization import load_compressed, save_compressed
+
+__all__ = [
+    "__version__",
+    "LowRankLinear",
+    "PivotLinear",
+    "load_compressed",
+    "rank_for_density",
+    "save_compressed",
+    "select_pivots",
+]

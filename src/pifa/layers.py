@@ -1,0 +1,252 @@
+"""Compressed linear layers: ``LowRankLinear`` (up @ down) and ``PivotLinear`` (PIFA).
+
+Both are drop-in replacements for ``nn.Linear``: they accept inputs of shape
+(..., in_features), return (..., out_features) in the input's dtype and device, keep
+the bias, support autograd and ``torch.compile``, and densify with ``to_linear()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pivot import DEFAULT_PIVOT_METHOD, PivotMethod, check_factors, pivot_factorize
+
+
+def check_rank(rank: int, out_features: int, in_features: int) -> None:
+    """Raise ``ValueError`` unless 1 <= rank <= min(out_features, in_features)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(
+            f"rank {rank!r} is outside [1, min(out, in) = {min(out_features, in_features)}] "
+            f"for a {out_features} x {in_features} layer"
+        )
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an ``nn.Linear``, checked to be finite."""
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"expected an nn.Linear, got {type(linear).__name__}")
+    weight = linear.weight.detach()
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("linear weight has non-finite values (NaN or Inf)")
+    return weight
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of ``weight`` (m x n) in float64: up (m x rank), down (rank x n), sqrt(S) on each side."""
+    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+class _CompressedLinear(nn.Module):
+    """What both compressed layers share: shapes, bias, parameter counting, repr.
+
+    Subclasses define ``_dense_weight() -> Tensor`` (out, in) used by ``to_linear``.
+    """
+
+    in_features: int
+    out_features: int
+    rank: int
+
+    def _init_shapes(self, in_features: int, out_features: int, rank: int, bias: bool, **factory: Any) -> None:
+        check_rank(rank, out_features, in_features)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+
+    def num_parameters(self) -> int:
+        """Stored weights plus bias (index buffers are not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        dense = self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, params={self.num_parameters()} ({self.num_parameters() / dense:.1%} of dense)"
+        )
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent dense ``nn.Linear`` (same dtype and device)."""
+        weight = self._dense_weight()  # type: ignore[attr-defined]
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def _copy_bias(layer: _CompressedLinear, bias: torch.Tensor | None) -> None:
+    if bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+
+
+class LowRankLinear(_CompressedLinear):
+    """y = up(down(x)) + bias with ``down``: (rank, in_features), ``up``: (out_features, rank)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self._init_shapes(in_features, out_features, rank, bias, **factory)
+        self.down = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.up = nn.Parameter(torch.empty(out_features, rank, **factory))
+
+    @classmethod
+    def from_factors(
+        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> "LowRankLinear":
+        """Layer from ``up`` (out x rank), ``down`` (rank x in) and an optional ``bias`` (out,)."""
+        check_factors(up, down, bias)
+        (m, r), n = up.shape, down.shape[1]
+        layer = cls(n, m, r, bias=bias is not None, device=up.device, dtype=up.dtype)
+        with torch.no_grad():
+            layer.up.copy_(up)
+            layer.down.copy_(down)
+        _copy_bias(layer, bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """Plain truncated SVD of ``linear.weight`` at ``rank``."""
+        weight = dense_weight(linear)
+        check_rank(rank, *weight.shape)
+        up, down = svd_factors(weight, rank)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def _dense_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return (self.up.double() @ self.down.double()).to(self.up.dtype)
+
+
+class PivotLinear(_CompressedLinear):
+    """PIFA layer: pivot rows ``pivot_weight`` (rank, in) and ``coeff`` (out - rank, rank).
+
+    Forward: z = x pivot_weight^T gives the outputs of the pivot rows ``pivot_index``;
+    the other rows (``other_index``, increasing) are z coeff^T; then the bias is added.
+    Cost r (out + in - r) multiply-adds per token, r^2 fewer than ``LowRankLinear``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self._init_shapes(in_features, out_features, rank, bias, **factory)
+        self.pivot_weight = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.coeff = nn.Parameter(torch.empty(out_features - rank, rank, **factory))
+        self.register_buffer("pivot_index", torch.arange(rank, device=device))
+        # Derived from pivot_index (see _refresh_index); not saved.
+        self.register_buffer("gather_index", torch.arange(out_features, device=device), persistent=False)
+        self.register_buffer("other_index", torch.arange(rank, out_features, device=device), persistent=False)
+
+    @classmethod
+    def from_factors(
+        cls,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        method: PivotMethod = DEFAULT_PIVOT_METHOD,
+    ) -> "PivotLinear":
+        """Lossless PIFA encoding of ``up @ down`` (out x rank, rank x in) plus ``bias``."""
+        check_factors(up, down, bias)
+        pivoting, pivot_rows = pivot_factorize(up, down, method)
+        (m, r), n = up.shape, down.shape[1]
+        layer = cls(n, m, r, bias=bias is not None, device=up.device, dtype=up.dtype)
+        with torch.no_grad():
+            layer.pivot_weight.copy_(pivot_rows)
+            layer.coeff.copy_(pivoting.coeff)
+            layer.pivot_index.copy_(pivoting.pivot_index)
+        layer._refresh_index()
+        _copy_bias(layer, bias)
+        return layer
+
+    @classmethod
+    def from_low_rank(cls, layer: LowRankLinear, method: PivotMethod = DEFAULT_PIVOT_METHOD) -> "PivotLinear":
+        """Lossless re-encoding of a ``LowRankLinear``."""
+        bias = None if layer.bias is None else layer.bias.detach()
+        return cls.from_factors(layer.up.detach(), layer.down.detach(), bias, method)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, method: PivotMethod = DEFAULT_PIVOT_METHOD) -> "PivotLinear":
+        """Plain truncated SVD at ``rank``, then PIFA."""
+        return cls.from_low_rank(LowRankLinear.from_linear(linear, rank), method)
+
+    def _refresh_index(self) -> None:
+        """Rebuild the derived index buffers from ``pivot_index``; reject an invalid one."""
+        m, r = self.out_features, self.rank
+        pivot = self.pivot_index
+        seen = torch.zeros(m, dtype=torch.bool, device=pivot.device)
+        if pivot.shape != (r,) or bool((pivot < 0).any()) or bool((pivot >= m).any()):
+            raise ValueError(f"pivot_index must hold {r} row indices in [0, {m}), got shape {tuple(pivot.shape)}")
+        seen[pivot] = True
+        if int(seen.sum()) != r:
+            raise ValueError("pivot_index has repeated rows")
+        other = torch.nonzero(~seen).flatten()
+        gather = torch.empty(m, dtype=torch.long, device=pivot.device)
+        gather[pivot] = torch.arange(r, device=pivot.device)
+        gather[other] = torch.arange(r, m, device=pivot.device)
+        self.other_index, self.gather_index = other, gather
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "pivot_index" in state_dict:
+            self._refresh_index()
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return True
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._needs_autograd(x):
+            z = F.linear(x, self.pivot_weight)
+            y = torch.cat([z, F.linear(z, self.coeff)], dim=-1).index_select(-1, self.gather_index)
+            return y if self.bias is None else y + self.bias
+        return self._forward_inference(x)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Same maths with both GEMMs writing into one buffer and a single gather (no autograd)."""
+        x2 = x.reshape(-1, self.in_features)
+        buf = x2.new_empty(x2.shape[0], self.out_features)
+        z, rest = buf[:, : self.rank], buf[:, self.rank :]
+        torch.mm(x2, self.pivot_weight.t(), out=z)
+        if self.bias is None:
+            torch.mm(z, self.coeff.t(), out=rest)
+        else:
+            torch.addmm(self.bias[self.other_index], z, self.coeff.t(), out=rest)
+            z.add_(self.bias[self.pivot_index])
+        out = torch.empty_like(buf)
+        torch.index_select(buf, 1, self.gather_index, out=out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            weight = torch.empty(self.out_features, self.in_features, dtype=torch.float64, device=self.coeff.device)
+            pivot = self.pivot_weight.double()
+            weight[self.pivot_index] = pivot
+            weight[self.other_index] = self.coeff.double() @ pivot
+            return weight.to(self.pivot_weight.dtype)

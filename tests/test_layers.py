@@ -1,0 +1,143 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pifa import LowRankLinear, PivotLinear
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def factors(m: int, n: int, r: int, seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+    return up, down, (torch.randn(m, generator=g) if bias else None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 48), n=st.integers(1, 48), r_frac=st.floats(0.0, 1.0),
+    bias=st.booleans(), method=st.sampled_from(["lu", "qr"]), seed=st.integers(0, 2**16),
+)
+def test_pifa_equals_low_rank_source(m, n, r_frac, bias, method, seed):
+    r = max(1, round(r_frac * min(m, n)))
+    up, down, b = factors(m, n, r, seed, bias)
+    low = LowRankLinear.from_factors(up, down, b)
+    piv = PivotLinear.from_low_rank(low, method=method)
+    x = torch.randn(7, n, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        assert rel_err(piv(x), low(x)) <= 1e-5
+    assert rel_err(piv.to_linear().weight, low.to_linear().weight) <= 1e-5
+
+
+@pytest.mark.parametrize("m, n, r", [(96, 48, 1), (48, 96, 24), (64, 64, 64), (80, 40, 40), (40, 80, 40), (257, 129, 100)])
+@pytest.mark.parametrize("method", ["lu", "qr"])
+def test_shapes_rank_one_and_full_rank(m, n, r, method):
+    up, down, b = factors(m, n, r)
+    low = LowRankLinear.from_factors(up, down, b)
+    piv = PivotLinear.from_factors(up, down, b, method=method)
+    x = torch.randn(3, 5, n)  # any number of leading dimensions
+    with torch.no_grad():
+        y = piv(x)
+        assert y.shape == (3, 5, m)
+        assert rel_err(y, low(x)) <= 1e-5
+    assert piv.pivot_weight.shape == (r, n) and piv.coeff.shape == (m - r, r)
+    assert piv.pivot_index.shape == (r,)
+
+
+def test_pivot_rows_are_rows_of_the_product():
+    up, down, _ = factors(50, 30, 10)
+    piv = PivotLinear.from_factors(up, down)
+    dense = (up.double() @ down.double()).float()
+    torch.testing.assert_close(piv.pivot_weight, dense[piv.pivot_index])
+    assert torch.equal(piv.pivot_index, piv.pivot_index.sort().values)
+
+
+@pytest.mark.parametrize("cls", [LowRankLinear, PivotLinear])
+def test_full_rank_reproduces_dense(cls):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40)
+    layer = cls.from_linear(linear, rank=24)
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        assert rel_err(layer(x), linear(x)) <= 1e-5
+    assert rel_err(layer.to_linear().weight, linear.weight) <= 1e-5
+    torch.testing.assert_close(layer.to_linear().bias, linear.bias)
+
+
+def test_from_linear_is_truncated_svd():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, bias=False)
+    low = LowRankLinear.from_linear(linear, rank=8)
+    s = torch.linalg.svdvals(linear.weight.double())
+    err = torch.linalg.matrix_norm((low.to_linear().weight - linear.weight).detach().double())
+    assert err == pytest.approx(float(s[8:].norm()), rel=1e-4)
+    # sqrt of the singular values on both factors: equal column / row norms
+    torch.testing.assert_close(low.up.norm(dim=0), low.down.norm(dim=1), rtol=1e-4, atol=1e-6)
+    piv = PivotLinear.from_linear(linear, rank=8)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert rel_err(piv(x), low(x)) <= 1e-5
+
+
+def test_parameter_counts():
+    m, n, r = 40, 30, 10
+    up, down, b = factors(m, n, r)
+    assert LowRankLinear.from_factors(up, down, b).num_parameters() == r * (m + n) + m
+    assert PivotLinear.from_factors(up, down, b).num_parameters() == r * (m + n - r) + m
+    assert PivotLinear.from_factors(up, down).num_parameters() == r * (m + n - r)
+    assert "rank=10" in repr(PivotLinear.from_factors(up, down)) and "of dense" in repr(LowRankLinear.from_factors(up, down))
+
+
+@pytest.mark.parametrize("cls", [LowRankLinear, PivotLinear])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtype_is_kept(cls, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24).to(dtype)
+    layer = cls.from_linear(linear, 8)
+    assert layer.to_linear().weight.dtype == dtype
+    with torch.no_grad():
+        assert layer(torch.randn(2, 16, dtype=dtype)).dtype == dtype
+
+
+def test_pivot_autograd_matches_low_rank():
+    up, down, b = factors(20, 12, 5)
+    low = LowRankLinear.from_factors(up, down, b)
+    piv = PivotLinear.from_low_rank(low)
+    x1 = torch.randn(3, 12, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    low(x1).square().sum().backward()
+    piv(x2).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+    assert piv.pivot_weight.grad is not None and piv.coeff.grad is not None and piv.bias.grad is not None
+
+
+def test_inference_path_equals_autograd_path():
+    up, down, b = factors(33, 17, 6)
+    piv = PivotLinear.from_factors(up, down, b)
+    x = torch.randn(2, 4, 17)
+    with torch.no_grad():
+        fast = piv(x)
+    slow = piv(x)  # parameters require grad: differentiable path
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [LowRankLinear, PivotLinear])
+def test_torch_compile(cls):
+    up, down, b = factors(24, 16, 6)
+    layer = cls.from_factors(up, down, b) if cls is LowRankLinear else PivotLinear.from_factors(up, down, b)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_module_to_keeps_index_buffers_integer():
+    piv = PivotLinear.from_factors(*factors(12, 8, 4))
+    piv = piv.to(torch.float16)
+    assert piv.pivot_index.dtype == torch.int64 and piv.coeff.dtype == torch.float16
