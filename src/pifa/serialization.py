@@ -14,22 +14,25 @@ compressed layers, materialises it and loads the tensors. Nothing is ever unpick
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
 import torch
-import transformers
 from torch import nn
 
 from ._version import __version__
 from .layers import LowRankLinear, PivotLinear
+
+if TYPE_CHECKING:  # transformers is imported lazily: `pifa --help` stays fast
+    import transformers
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,9 @@ def save_compressed(
 
 
 def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compression: dict[str, Any] | None) -> None:
-    model.config.save_pretrained(directory)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # what from_pretrained and load_compressed build
+    config.save_pretrained(directory)
     safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -184,6 +189,8 @@ def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
 
 
 def _model_class(config: transformers.PretrainedConfig) -> type[nn.Module]:
+    import transformers
+
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -247,7 +254,9 @@ def load_compressed(
     """
     spec = read_pifa_config(path)
     check_tensor_shapes(path, spec)
-    config = transformers.AutoConfig.from_pretrained(str(path))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
     model = _build_skeleton(config, spec, _resolve_dtype(dtype, spec))
     _materialize(model, torch.device(device or "cpu"))
     missing, unexpected = safetensors.torch.load_model(model, str(Path(path) / WEIGHTS_NAME), strict=False)

@@ -1,0 +1,181 @@
+"""Deterministic calibration token batches for post-training compression.
+
+Sources are local files (``.txt``, ``.jsonl``), folders of text/code files, or the Hugging Face
+datasets ``"wikitext2"`` / ``"c4"`` (only with the optional ``datasets`` package and a network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FOLDER_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
+HF_DATASETS = {
+    "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="train"),
+    "c4": dict(path="allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz", split="train"),
+}
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """One document per non-blank line of ``path``: the line's JSON ``"text"`` field."""
+    texts = []
+    for lineno, line in enumerate(_read(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: line {lineno} has no string 'text' field")
+        texts.append(text)
+    return texts
+
+
+def _file_texts(path: Path) -> list[str]:
+    """A ``.jsonl`` file gives one document per line; any other file is one document."""
+    return _jsonl_texts(path) if path.suffix == ".jsonl" else [_read(path)]
+
+
+def _dataset_texts(name: str) -> list[str]:
+    """The ``"text"`` column of the Hugging Face dataset registered as ``name``."""
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ValueError(
+            f"calibration source {name!r} needs the 'datasets' package (pip install datasets) "
+            "and network access; or pass a local .txt/.jsonl file or folder"
+        ) from exc
+    logger.info("loading calibration dataset %s via datasets", name)
+    try:
+        dataset = datasets.load_dataset(**HF_DATASETS[name])
+    except Exception as exc:  # offline, hub errors, ...
+        raise ValueError(f"could not load calibration dataset {name!r}: {exc}") from exc
+    return list(dataset["text"])
+
+
+def load_texts(source: str | os.PathLike) -> list[str]:
+    """Documents of a calibration ``source``, in a deterministic order.
+
+    * a ``.jsonl`` file: one document per line (its ``"text"`` field; blank lines skipped);
+    * any other file (e.g. ``.txt``): the whole file is one document, paragraphs included;
+    * a folder: recursively every ``*.txt``, ``*.py``, ``*.md``, ``*.jsonl`` file in sorted
+      path order, each one document (``.jsonl``: one per line);
+    * ``"wikitext2"`` or ``"c4"`` (not an existing path): loaded with the ``datasets`` package.
+
+    Whitespace-only documents are dropped. Raises ``ValueError`` for an unknown source, a bad
+    ``.jsonl`` line (naming its number), or when no text is left.
+    """
+    path = Path(source)
+    if path.is_file():
+        texts = _file_texts(path)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
+        texts = [text for file in files for text in _file_texts(file)]
+        logger.info("read %d calibration files under %s", len(files), path)
+    elif str(source) in HF_DATASETS:
+        texts = _dataset_texts(str(source))
+    else:
+        raise ValueError(
+            f"calibration source {str(source)!r} is not a file, a folder or a known dataset name "
+            f"({', '.join(HF_DATASETS)})"
+        )
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise ValueError(f"calibration source {str(source)!r} contains no text")
+    return texts
+
+
+def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D int64 tensor, without special tokens or truncation.
+
+    Accepts a ``transformers`` tokenizer or a raw ``tokenizers.Tokenizer``. ``verbose=False``
+    silences the "longer than model_max_length" warning: the stream is only cut into windows.
+    """
+    if callable(tokenizer):
+        try:
+            ids = tokenizer(text, add_special_tokens=False, return_tensors=None, verbose=False)["input_ids"]
+        except TypeError:  # a plain callable without the ``verbose`` keyword
+            ids = tokenizer(text, add_special_tokens=False, return_tensors=None)["input_ids"]
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def _check_positive(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} {value!r} must be a positive integer")
+
+
+def calibration_batches(
+    tokenizer: Any,
+    source_or_texts: str | os.PathLike | Sequence[str],
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Random windows of calibration tokens: a LongTensor of shape ``[num_samples, seq_len]``.
+
+    ``source_or_texts`` is a source for :func:`load_texts` or a list of document strings. The
+    documents are joined with ``"\\n\\n"`` and tokenized once (no special tokens) into a stream
+    of N tokens; each row is the window ``stream[s : s + seq_len]`` for a start ``s`` drawn
+    uniformly from ``[0, N - seq_len]``, independently (with replacement) by
+    ``torch.Generator().manual_seed(seed)``. The same inputs always give the same tensor.
+    Raises ``ValueError`` for non-positive sizes or when N < seq_len + 1.
+    """
+    _check_positive(num_samples, "num_samples")
+    _check_positive(seq_len, "seq_len")
+    if isinstance(source_or_texts, (str, os.PathLike)):
+        texts = load_texts(source_or_texts)
+    else:
+        texts = list(source_or_texts)
+        if not texts or not all(isinstance(t, str) for t in texts) or not "".join(texts).strip():
+            raise ValueError("calibration texts must be a non-empty list of non-empty strings")
+    ids = _token_ids(tokenizer, "\n\n".join(texts))
+    if ids.numel() < seq_len + 1:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens, fewer than one sample of seq_len={seq_len}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
+    logger.info("drew %d calibration windows of %d tokens from %d tokens", num_samples, seq_len, ids.numel())
+    return ids[starts[:, None] + torch.arange(seq_len)]
+
+
+def _is_heldout(relative: str) -> bool:
+    """The deterministic ~5 % held-out split: sha1 of the relative posix path, mod 20 == 0."""
+    return int(hashlib.sha1(relative.encode()).hexdigest(), 16) % 20 == 0
+
+
+def stdlib_python_files(exclude_heldout: bool = True) -> list[Path]:
+    """Sorted ``.py`` files of the running Python's standard library.
+
+    Skips paths containing ``site-packages``, test packages (``/test`` in ``"/" + relative
+    path``, e.g. ``test/``, ``ctypes/test/``, ``lib2to3/tests/``) and ``idlelib``; with
+    ``exclude_heldout`` also the held-out split (see :func:`_is_heldout`).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root).as_posix()
+        if "site-packages" in relative or "/test" in "/" + relative or "idlelib" in relative:
+            continue
+        if exclude_heldout and _is_heldout(relative):
+            continue
+        files.append(path)
+    return sorted(files)

@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pifa import PivotLinear, __version__, save_compressed
+from pifa.cli import main
+from pifa.serialization import CONFIG_NAME
+
+from conftest import tiny_model
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pifa", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "info" in result.stdout
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"pifa {__version__}"
+
+
+def test_info_prints_modules_and_density(tmp_path, capsys):
+    model = tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = PivotLinear.from_linear(attn.q_proj, 8)
+    save_compressed(model, tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in out and "pivot" in out and "32x32" in out
+    # rank 8 PIFA of 32x32: 8 * (64 - 8) = 448 of 1024
+    assert "448 of 1,024 parameters, density 0.4375" in out
+
+
+@pytest.mark.parametrize("damage", ["nothing", "version", "no-config"])
+def test_info_bad_input_is_one_line_exit_2(tmp_path, damage):
+    path = tmp_path / "m"
+    if damage != "nothing":
+        save_compressed(tiny_model("llama"), path)
+    if damage == "version":
+        (path / CONFIG_NAME).write_text(json.dumps({"format_version": 7, "modules": {}}))
+    if damage == "no-config":
+        (path / CONFIG_NAME).unlink()
+    result = run_cli("info", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("pifa info: error:")
