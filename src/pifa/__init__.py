@@ -22,3 +22,9 @@ __all__ = [
     "save_compressed",
     "select_pivots",
 ]
+
+from .config import CompressionConfig  # noqa: E402
+from .engine import compress  # noqa: E402
+from .report import CompressionReport  # noqa: E402
+
+__all__ += ["CompressionConfig", "CompressionReport", "compress"]

@@ -1,0 +1,84 @@
+"""Resumable runs: every finished block is saved; a rerun with the same inputs skips it.
+
+Layout of a checkpoint directory::
+
+    progress.json          config, calibration fingerprint, finished blocks and their reports
+    block_0003.safetensors the compressed block's tensors
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .config import CompressionConfig
+from .modules import set_module
+from .report import ModuleReport
+from .serialization import LAYER_KINDS, module_spec
+
+PROGRESS = "progress.json"
+
+
+def fingerprint(batches: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(str(tuple(batch.shape)).encode())
+        digest.update(batch.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    def __init__(self, directory: Path, state: dict[str, Any]) -> None:
+        self.directory, self.state = directory, state
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, config: CompressionConfig, batches: list[torch.Tensor]) -> "Checkpoint":
+        """Open (or start) the checkpoint in ``directory``; refuse one written for other inputs."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        expected = {"config": config.to_dict(), "calibration": fingerprint(batches)}
+        progress = directory / PROGRESS
+        if progress.exists():
+            state = json.loads(progress.read_text())
+            if {k: state.get(k) for k in expected} != expected:
+                raise ValueError(f"checkpoint {str(directory)!r} was written for another config or calibration data")
+            return cls(directory, state)
+        return cls(directory, {**expected, "blocks": {}})
+
+    def has_block(self, index: int) -> bool:
+        return str(index) in self.state["blocks"] and (self.directory / f"block_{index:04d}.safetensors").exists()
+
+    def save_block(self, index: int, block: nn.Module, prefix: str, reports: list[ModuleReport]) -> None:
+        tmp = self.directory / f"block_{index:04d}.safetensors.tmp"
+        safetensors.torch.save_model(block, str(tmp))
+        os.replace(tmp, self.directory / f"block_{index:04d}.safetensors")
+        specs = {n: module_spec(m) for n, m in block.named_modules() if isinstance(m, tuple(LAYER_KINDS.values()))}
+        mine = [asdict(r) for r in reports if r.name.startswith(prefix + ".")]
+        self.state["blocks"][str(index)] = {"modules": specs, "reports": mine}
+        _write_atomic(self.directory / PROGRESS, json.dumps(self.state, indent=1).encode())
+
+    def restore_block(self, index: int, block: nn.Module, prefix: str) -> list[ModuleReport]:
+        """Swap the saved compressed layers into ``block`` and load its tensors."""
+        entry = self.state["blocks"][str(index)]
+        param = next(block.parameters())
+        for local, spec in entry["modules"].items():
+            layer = LAYER_KINDS[spec["kind"]](spec["in_features"], spec["out_features"], spec["rank"],
+                                             bias=spec["bias"], device=param.device, dtype=param.dtype)
+            set_module(block, local, layer)
+        safetensors.torch.load_model(block, str(self.directory / f"block_{index:04d}.safetensors"),
+                                     strict=True, device=str(param.device))
+        return [ModuleReport(**r) for r in entry["reports"]]

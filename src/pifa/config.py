@@ -1,0 +1,100 @@
+"""``CompressionConfig``: one frozen, versioned description of a compression run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ranks import check_density
+
+CONFIG_VERSION = 1
+METHODS = ("svd", "svd-llm", "m", "mpifa")
+ALLOCATIONS = ("uniform", "owl")
+DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress. ``density`` is the KEPT fraction of the targeted linears' weights.
+
+    Attributes:
+        density: kept fraction over all targeted linears (parameter-weighted), in (0, 1].
+        method: "svd" (plain truncation), "svd-llm" (whitened), "m" (whitened + the
+            M reconstruction), "mpifa" (M, then PIFA re-encoding; the default).
+        attn_density: optional density of the attention linears; the MLP density is
+            then solved so that the total hits ``density``.
+        allocation: "uniform" or "owl" (outlier-aware, per block).
+        owl_threshold, owl_lambda: OWL's outlier multiple M and density spread l.
+        mix: the M target's weight on the dense stream (lambda).
+        als_steps: alternating least-squares steps of M.
+        ridge: M's pull of U V toward W, relative to the mean diagonal of the statistics.
+        damping: relative damping added to X X^T before the Cholesky factorization.
+        rank_multiple_of: round every rank down to a multiple of this.
+        targets: fnmatch patterns of module names to compress (empty: every linear in
+            the transformer blocks).
+        ignore: fnmatch patterns never compressed.
+        pivot_method: "lu" or "qr" for the PIFA re-encoding.
+    """
+
+    density: float = 0.5
+    method: str = "mpifa"
+    attn_density: float | None = None
+    allocation: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+    mix: float = 0.25
+    als_steps: int = 2
+    ridge: float = 1e-3
+    damping: float = 1e-6
+    rank_multiple_of: int = 1
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    pivot_method: str = "lu"
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        check_density(self.density)
+        if self.attn_density is not None:
+            check_density(self.attn_density, "attn_density")
+        _choice("method", self.method, METHODS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("pivot_method", self.pivot_method, ("lu", "qr"))
+        if not 0 <= self.mix <= 1:
+            raise ValueError(f"mix {self.mix!r} is outside [0, 1]")
+        for name in ("als_steps", "rank_multiple_of"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "rank_multiple_of" else 0):
+                raise ValueError(f"{name} {value!r} must be a {'positive' if name == 'rank_multiple_of' else 'non-negative'} integer")
+        for name in ("ridge", "damping", "owl_lambda", "owl_threshold"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be >= 0")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"unknown CompressionConfig version {self.version!r} (this pifa reads {CONFIG_VERSION})")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+
+    @property
+    def layer_kind(self) -> str:
+        """The layer every target becomes: "pivot" for mpifa, "lowrank" otherwise."""
+        return "pivot" if self.method == "mpifa" else "lowrank"
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.method != "svd"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown CompressionConfig fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")

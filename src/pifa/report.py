@@ -1,0 +1,70 @@
+"""``CompressionReport``: what a compression run did, per module and in total."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModuleReport:
+    """One compressed module. ``calib_error`` is ||(W - W') X~||^2 / ||W X~||^2 on calibration data."""
+
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    rank: int
+    params_before: int
+    params_after: int
+    calib_error: float
+
+
+@dataclass
+class CompressionReport:
+    config: dict[str, Any]
+    modules: list[ModuleReport] = field(default_factory=list)
+    seconds: float = 0.0
+    calibration_tokens: int = 0
+
+    @property
+    def params_before(self) -> int:
+        return sum(m.params_before for m in self.modules)
+
+    @property
+    def params_after(self) -> int:
+        return sum(m.params_after for m in self.modules)
+
+    @property
+    def density(self) -> float:
+        """Achieved density: kept fraction of the targeted linears' weights."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "density": self.density,
+            "seconds": self.seconds,
+            "calibration_tokens": self.calibration_tokens,
+            "modules": [asdict(m) for m in self.modules],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def table(self) -> str:
+        from .cli import format_table
+
+        rows = [
+            {"module": m.name, "kind": m.kind, "shape": f"{m.out_features}x{m.in_features}", "rank": m.rank,
+             "before": m.params_before, "after": m.params_after, "calib_err": f"{m.calib_error:.4f}"}
+            for m in self.modules
+        ]
+        summary = (
+            f"{len(self.modules)} modules, {self.params_after:,} of {self.params_before:,} weights kept: "
+            f"density {self.density:.4f} (target {self.config.get('density')}), {self.seconds:.1f} s"
+        )
+        return format_table(rows) + "\n" + summary

@@ -1,0 +1,111 @@
+"""Low-rank solvers: pure functions over tensors (float64), no modules, no hooks.
+
+Notation: W is (m, n); statistics over calibration tokens are
+G = sum x~ x~^T (n, n) on the compressed stream and H = sum x x~^T (n, n) pairing the
+dense stream x with the compressed stream x~. Factors: up (m, r), down (r, n).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _mean_diag(g: torch.Tensor) -> float:
+    value = float(torch.diagonal(g).mean())
+    return value if value > 0 else 1.0
+
+
+def whitening(g: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower Cholesky factor L (n, n) of G + delta I, delta = damping * mean(diag G).
+
+    A failed factorization is not an error: the matrix is shifted by its smallest
+    eigenvalue (plus the damping) and the shift is logged.
+    """
+    g = g.to(torch.float64)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    delta = max(damping, 1e-12) * _mean_diag(g)
+    chol, info = torch.linalg.cholesky_ex(g + delta * eye)
+    if int(info) == 0:
+        return chol
+    smallest = float(torch.linalg.eigvalsh(g).min())
+    shift = -smallest + delta * 10
+    logger.warning("Cholesky failed (smallest eigenvalue %.3g); shifting the statistics by %.3g", smallest, shift)
+    chol, info = torch.linalg.cholesky_ex(g + shift * eye)
+    if int(info) != 0:
+        logger.warning("Cholesky failed again; falling back to plain SVD (no whitening) for this layer")
+        return eye
+    return chol
+
+
+def truncate(weight: torch.Tensor, chol: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors minimising ||(W - up down) X||_F for X X^T = L L^T (plain SVD when L is None).
+
+    SVD of W L = U S V^T; up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T L^-1.
+    """
+    weight = weight.to(torch.float64)
+    whitened = weight if chol is None else weight @ chol
+    u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+    root = s[:rank].sqrt()
+    up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
+    if chol is not None:  # down L = B  <=>  L^T down^T = B^T
+        down = torch.linalg.solve_triangular(chol.T, down.T, upper=True).T
+    return up, down
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, g: torch.Tensor) -> float:
+    """Relative calibration error ||(W - A) X||^2 / ||W X||^2 from G = X X^T."""
+    weight, approx, g = weight.to(torch.float64), approx.to(torch.float64), g.to(torch.float64)
+    diff = weight - approx
+    denom = float(torch.einsum("ij,jk,ik->", weight, g, weight))
+    return float(torch.einsum("ij,jk,ik->", diff, g, diff)) / max(denom, 1e-300)
+
+
+def m_objective(
+    weight: torch.Tensor, approx: torch.Tensor, g: torch.Tensor, cross: torch.Tensor, ridge: float
+) -> float:
+    """M's objective up to a constant: ||A X~ - Y||^2 + mu ||A - W||^2 with Y X~^T = W K.
+
+    ``cross`` is K = (1 - lam) G + lam H; ``ridge`` mu is absolute here.
+    """
+    a = approx.to(torch.float64)
+    fit = torch.einsum("ij,jk,ik->", a, g, a) - 2 * torch.einsum("ij,ij->", a, weight @ cross)
+    return float(fit + ridge * (a - weight).square().sum())
+
+
+def _solve_right(lhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
+    """lhs @ system^-1 for a symmetric positive (semi-)definite system, via solve (no inverse)."""
+    return torch.linalg.solve(system, lhs.T, left=True).T
+
+
+def m_reconstruct(
+    weight: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    mix: float,
+    steps: int,
+    ridge: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M: alternate U- and V-steps toward Y = (1 - mix) W x~ + mix W x.
+
+    Both steps minimise the same objective ||U V X~ - Y||^2 + mu ||U V - W||^2
+    (mu = ridge * mean(diag G)) exactly in one factor, so it never increases.
+    Shapes: weight (m, n), up (m, r), down (r, n), g and h (n, n).
+    """
+    weight, g, h = weight.to(torch.float64), g.to(torch.float64), h.to(torch.float64)
+    up, down = up.to(torch.float64), down.to(torch.float64)
+    mu = ridge * _mean_diag(g)
+    eye_n = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    target = weight @ ((1 - mix) * g + mix * h) + mu * weight  # Y X~^T + mu W, (m, n)
+    for _ in range(steps):
+        # U-step: U (V (G + mu I) V^T) = (Y X~^T + mu W) V^T
+        up = _solve_right(target @ down.T, down @ (g + mu * eye_n) @ down.T)
+        # V-step: (U^T U) V (G + mu I) = U^T (Y X~^T + mu W)
+        rhs = torch.linalg.lstsq(up, target).solution
+        down = _solve_right(rhs, g + mu * eye_n)
+    return up, down
