@@ -31,7 +31,7 @@ def test_info_prints_modules_and_density(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj" in out and "pivot" in out and "32x32" in out
     # rank 8 PIFA of 32x32: 8 * (64 - 8) = 448 of 1024
-    assert "448 of 1,024 parameters, density 0.4375" in out
+    assert "448 of 1,024 weights kept, density 0.4375" in out
 
 
 @pytest.mark.parametrize("damage", ["nothing", "version", "no-config"])

@@ -18,10 +18,9 @@ def _module_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, entry in spec["modules"].items():
         m, n, r = entry["out_features"], entry["in_features"], entry["rank"]
-        bias = m if entry["bias"] else 0
-        after = layer_parameters(m, n, r, KIND_TO_RANK_KIND[entry["kind"]]) + bias
+        after = layer_parameters(m, n, r, KIND_TO_RANK_KIND[entry["kind"]])
         rows.append({"module": name, "kind": entry["kind"], "shape": f"{m}x{n}", "rank": r,
-                     "before": m * n + bias, "after": after})
+                     "before": m * n, "after": after})
     return rows
 
 
@@ -45,7 +44,67 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(format_table(rows))
     before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
     density = after / before if before else 1.0
-    print(f"\n{len(rows)} compressed modules: {after:,} of {before:,} parameters, density {density:.4f}")
+    print(f"\n{len(rows)} compressed modules: {after:,} of {before:,} weights kept, density {density:.4f}")
+    return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per CompressionConfig field, so the CLI and the config never drift."""
+    import dataclasses
+
+    from .config import ALLOCATIONS, METHODS, CompressionConfig
+
+    choices = {"method": METHODS, "allocation": ALLOCATIONS, "pivot_method": ("lu", "qr")}
+    for field in dataclasses.fields(CompressionConfig):
+        if field.name == "version":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, tuple):
+            parser.add_argument(flag, nargs="*", default=None, metavar="PATTERN", help=f"default: {' '.join(field.default) or 'all'}")
+        else:
+            kind = float if field.name == "attn_density" else type(field.default)
+            parser.add_argument(flag, type=kind, default=None, choices=choices.get(field.name), help=f"default: {field.default}")
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from .config import CompressionConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionConfig)
+             if f.name != "version" and getattr(args, f.name) is not None}
+    return CompressionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .data import calibration_batches
+    from .engine import compress
+    from .loading import load_dense, resolve_device
+    from .serialization import save_compressed
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+    config = _config_from_args(args)
+    device = resolve_device(args.device)
+    model, tokenizer = load_dense(args.model, args.dtype, str(device))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
+    calib = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+    checkpoint = out.with_name(out.name + ".pifa-checkpoint")
+    if checkpoint.exists() and not args.resume:
+        shutil.rmtree(checkpoint)
+    report = compress(model, config, calib, device=device, batch_size=args.batch_size, checkpoint_dir=str(checkpoint))
+    report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}
+    save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
+                    extra_files={"compression_report.json": report.to_json()})
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    print(report.table())
+    print(f"saved to {out}")
     return 0
 
 
@@ -58,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a compressed model directory")
     info.add_argument("path", help="directory written by pifa")
     info.set_defaults(func=cmd_info)
+
+    comp = sub.add_parser("compress", help="compress a Hugging Face model to a target density",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comp.add_argument("model", help="local model directory (safetensors) or a hub id when online")
+    comp.add_argument("out", help="output directory (appears only when complete)")
+    comp.add_argument("--calib", required=True, help="calibration text: .txt/.jsonl file, folder, or wikitext2/c4")
+    comp.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    comp.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
+    comp.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    comp.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
+    comp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    comp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    comp.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_config_flags(comp)
+    comp.set_defaults(func=cmd_compress)
     return parser
 
 

@@ -87,11 +87,13 @@ def compress(
     checkpoint = Checkpoint.open(checkpoint_dir, config, batches) if checkpoint_dir else None
     report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
     with inference_state(model):
-        streams = _Streams(capture_first_block(model, blocks[0], batches, device), [], None)
+        with report.stage("capture"):
+            streams = _Streams(capture_first_block(model, blocks[0], batches, device), [], None)
         streams.compressed = [i.hidden for i in streams.inputs]
         if config.method in ("m", "mpifa"):
             streams.dense = list(streams.compressed)
-        ranks = _plan_ranks(config, blocks, targets, streams, device)
+        with report.stage("allocate"):
+            ranks = _plan_ranks(config, blocks, targets, streams, device)
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         for index, block in bar:
             home = next(block.parameters()).device
@@ -101,11 +103,12 @@ def compress(
                 report.modules += checkpoint.restore_block(index, block, f"{blocks_name}.{index}")
             else:
                 report.modules += _compress_block(block, dense_block, index, f"{blocks_name}.{index}",
-                                                  targets[index], ranks, streams, config, device, bar)
+                                                  targets[index], ranks, streams, config, device, bar, report)
                 if checkpoint is not None:
                     checkpoint.save_block(index, block, f"{blocks_name}.{index}", report.modules)
             bar.set_postfix(stage="propagate")
-            streams.advance(block, dense_block, device, index)
+            with report.stage("propagate"):
+                streams.advance(block, dense_block, device, index)
             block.to(home)
             del dense_block
     report.seconds = time.perf_counter() - start
@@ -164,7 +167,8 @@ def _group_statistics(block: nn.Module, dense_block: nn.Module | None, first: st
 
 def _compress_block(block: nn.Module, dense_block: nn.Module | None, index: int, prefix: str,
                     linears: dict[str, nn.Module], ranks: dict[str, int], streams: _Streams,
-                    config: CompressionConfig, device: torch.device, bar: tqdm) -> list[ModuleReport]:
+                    config: CompressionConfig, device: torch.device, bar: tqdm,
+                    report: CompressionReport) -> list[ModuleReport]:
     if not linears:
         return []
     reports = []
@@ -172,24 +176,30 @@ def _compress_block(block: nn.Module, dense_block: nn.Module | None, index: int,
     groups = infer_groups(block, {local[n]: m for n, m in linears.items()}, streams.inputs[0], device)
     for group in groups:
         bar.set_postfix(stage=f"statistics {group[0]}")
-        g, h = _group_statistics(block, dense_block, f"{prefix}.{group[0]}", group[0], streams, device, index)
+        with report.stage("statistics"):
+            g, h = _group_statistics(block, dense_block, f"{prefix}.{group[0]}", group[0], streams, device, index)
         bar.set_postfix(stage=f"solve {group[0]}")
-        chol = solver.whitening(g, config.damping) if config.uses_calibration else None
+        with report.stage("whitening"):
+            chol = solver.whitening(g, config.damping) if config.uses_calibration else None
         for name in group:
-            reports.append(_solve_linear(block, f"{prefix}.{name}", name, ranks[f"{prefix}.{name}"], g, h, chol, config))
+            reports.append(_solve_linear(block, f"{prefix}.{name}", name, ranks[f"{prefix}.{name}"], g, h, chol,
+                                         config, report))
         del g, h, chol
     return reports
 
 
 def _solve_linear(block: nn.Module, full: str, local: str, rank: int, g: torch.Tensor, h: torch.Tensor | None,
-                  chol: torch.Tensor | None, config: CompressionConfig) -> ModuleReport:
+                  chol: torch.Tensor | None, config: CompressionConfig, report: CompressionReport) -> ModuleReport:
     module = block.get_submodule(local)
     weight = linear_weight(module)
-    up, down = solver.truncate(weight, chol, rank)
+    with report.stage("truncate"):
+        up, down = solver.truncate(weight, chol, rank)
     if config.method in ("m", "mpifa") and h is not None:
-        up, down = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps, config.ridge)
+        with report.stage("m-reconstruct"):
+            up, down = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps, config.ridge)
     bias = None if getattr(module, "bias", None) is None else module.bias.detach()
-    layer = build_layer(config.layer_kind, up, down, bias, weight.dtype, config.pivot_method).to(weight.device)
+    with report.stage("pifa" if config.layer_kind == "pivot" else "swap"):
+        layer = build_layer(config.layer_kind, up, down, bias, weight.dtype, config.pivot_method).to(weight.device)
     set_module(block, local, layer)
     m, n = weight.shape
     return ModuleReport(full, config.layer_kind, m, n, rank, m * n,

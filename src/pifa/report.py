@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +30,16 @@ class CompressionReport:
     modules: list[ModuleReport] = field(default_factory=list)
     seconds: float = 0.0
     calibration_tokens: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the time spent inside the block to ``stage_seconds[name]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - start
 
     @property
     def params_before(self) -> int:
@@ -49,6 +62,7 @@ class CompressionReport:
             "density": self.density,
             "seconds": self.seconds,
             "calibration_tokens": self.calibration_tokens,
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "modules": [asdict(m) for m in self.modules],
         }
 

@@ -30,6 +30,8 @@ from torch import nn
 
 from ._version import __version__
 from .layers import LowRankLinear, PivotLinear
+from .loading import model_class
+from .modules import is_linear, linear_shape
 
 if TYPE_CHECKING:  # transformers is imported lazily: `pifa --help` stays fast
     import transformers
@@ -75,11 +77,13 @@ def save_compressed(
     tokenizer: Any = None,
     compression: dict[str, Any] | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (a Hugging Face model, possibly with compressed layers) to directory ``path``.
 
     The directory appears only once complete (written under a temporary name, then
-    renamed). An existing ``path`` is an error unless ``overwrite``.
+    renamed). An existing ``path`` is an error unless ``overwrite``. ``extra_files`` maps
+    file names to text written beside the weights (e.g. the compression report).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -90,6 +94,8 @@ def save_compressed(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         _write_directory(model, tmp, tokenizer, compression)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         _replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,20 +194,10 @@ def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
                 )
 
 
-def _model_class(config: transformers.PretrainedConfig) -> type[nn.Module]:
-    import transformers
-
-    for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    raise ValueError(f"config.json names no architecture this transformers knows: {config.architectures}")
-
-
 def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """The model on the meta device with empty compressed layers swapped in."""
     with torch.device("meta"):
-        model = _model_class(config)(config)
+        model = model_class(config.architectures)(config)
         model.to(dtype)
         for name, entry in spec["modules"].items():
             try:
@@ -217,7 +213,7 @@ def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any],
 
 
 def _check_replaceable(name: str, original: nn.Module, layer: nn.Module) -> None:
-    shape = (getattr(original, "out_features", None), getattr(original, "in_features", None))
+    shape = linear_shape(original) if is_linear(original) else None
     if shape != (layer.out_features, layer.in_features):
         raise ValueError(
             f"{CONFIG_NAME} gives module {name!r} shape {(layer.out_features, layer.in_features)}, "
