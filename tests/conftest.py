@@ -18,12 +18,35 @@ TINY_CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
 }
 
+# The pipeline's model matrix: the four above plus other layouts (Conv1D, fused qkv, encoders).
+MATRIX_CONFIGS = {
+    **TINY_CONFIGS,
+    "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=8),
+    "phi3": lambda: transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64),
+}
+
 
 def tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A tiny causal LM of architecture ``name`` with random weights (eval mode)."""
+    """A tiny model of architecture ``name`` with random weights (eval mode); BERT is an encoder."""
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[name]()
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    config = MATRIX_CONFIGS[name]()
+    auto = transformers.AutoModel if name == "bert" else transformers.AutoModelForCausalLM
+    return auto.from_config(config).eval()
+
+
+def model_output(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

@@ -47,7 +47,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(block) for block in module}) != 1:
             continue
-        count = sum(is_linear(m) for m in module.modules())
+        count = sum(is_linear(m) or isinstance(m, (LowRankLinear, PivotLinear)) for m in module.modules())
         if count and (best is None or count > best[0]):
             best = (count, name, module)
     if best is None:

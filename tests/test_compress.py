@@ -1,0 +1,186 @@
+"""The compression pipeline on the tiny model matrix."""
+
+import pytest
+import torch
+
+import pifa
+from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
+from pifa.modules import find_blocks, is_linear
+
+from conftest import MATRIX_CONFIGS, model_output, tiny_model
+
+CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+KINDS = {"mpifa": PivotLinear, "m": LowRankLinear, "svd-llm": LowRankLinear, "svd": LowRankLinear}
+
+
+def run(model, **fields):
+    return compress(model, CompressionConfig(**fields), CALIB, batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX_CONFIGS))
+def test_matrix_swaps_every_target_and_hits_the_density(name, tmp_path):
+    model = tiny_model(name)
+    report = run(model, density=0.5)
+    _, blocks = find_blocks(model)
+    assert not any(is_linear(m) for m in blocks.modules()), "a linear inside a block was left dense"
+    compressed = [m for m in model.modules() if isinstance(m, PivotLinear)]
+    assert len(compressed) == len(report.modules) > 0
+    assert 0.5 * 0.99 <= report.density <= 0.5 * 1.01
+    expected = model_output(model, CALIB[:2])
+    save_compressed(model, tmp_path / "m")
+    assert torch.equal(model_output(load_compressed(tmp_path / "m"), CALIB[:2]), expected)
+
+
+@pytest.mark.parametrize("method", sorted(KINDS))
+def test_methods_give_their_layer_kind(method):
+    model = tiny_model("qwen2")
+    report = run(model, density=0.6, method=method)
+    assert all(isinstance(m, KINDS[method]) for m in find_blocks(model)[1].modules() if hasattr(m, "rank"))
+    assert 0.6 * 0.99 <= report.density <= 0.6 * 1.01
+    assert all(m.calib_error >= 0 for m in report.modules)
+
+
+def test_full_density_keeps_outputs():
+    model = tiny_model("gpt2")  # Conv1D weights are stored transposed
+    expected = model_output(model, CALIB[:2])
+    run(model, density=1.0, method="mpifa")  # PIFA at density 1 is full rank
+    torch.testing.assert_close(model_output(model, CALIB[:2]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_whitened_beats_plain_on_the_first_group():
+    errors = {}
+    for method in ("svd", "svd-llm"):
+        report = run(tiny_model("llama"), density=0.4, method=method)
+        errors[method] = {m.name: m.calib_error for m in report.modules if ".0.self_attn." in m.name}
+    for name, err in errors["svd-llm"].items():
+        if not name.endswith("o_proj"):
+            assert err <= errors["svd"][name] + 1e-9
+
+
+def test_quality_order_on_the_output():
+    reference = model_output(tiny_model("llama"), CALIB)
+    err = {}
+    for method in ("svd", "svd-llm", "mpifa"):
+        model = tiny_model("llama")
+        run(model, density=0.5, method=method)
+        err[method] = float((model_output(model, CALIB) - reference).norm())
+    assert err["mpifa"] < err["svd-llm"] < err["svd"]
+
+
+def test_attention_split():
+    report = run(tiny_model("llama"), density=0.5, attn_density=0.4)
+    attn = [m for m in report.modules if "self_attn" in m.name]
+    mlp = [m for m in report.modules if "mlp" in m.name]
+    assert sum(m.params_after for m in attn) / sum(m.params_before for m in attn) == pytest.approx(0.4, abs=0.03)
+    assert sum(m.params_after for m in mlp) / sum(m.params_before for m in mlp) > 0.5
+    assert 0.495 <= report.density <= 0.505
+
+
+def test_impossible_attention_split_names_both():
+    with pytest.raises(ValueError, match=r"attn_density 0.05 with density 0.9 forces the MLP density to .*outside"):
+        run(tiny_model("llama"), density=0.9, attn_density=0.05)
+
+
+def test_owl_allocation_hits_the_density():
+    report = run(tiny_model("llama"), density=0.5, allocation="owl")
+    assert 0.495 <= report.density <= 0.505
+    per_block = {}
+    for m in report.modules:
+        block = m.name.split(".")[2]
+        per_block.setdefault(block, []).append(m.params_after / m.params_before)
+    assert len(per_block) == 2
+
+
+def assert_clean(model):
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert model.training and model.config.use_cache
+
+
+def test_hooks_and_modes_restored_after_success():
+    model = tiny_model("llama").train()
+    model.config.use_cache = True
+    run(model, density=0.5)
+    assert_clean(model)
+
+
+def test_hooks_and_modes_restored_after_an_exception(monkeypatch):
+    model = tiny_model("llama").train()
+    model.config.use_cache = True
+    calls = {"n": 0}
+    real = pifa.solver.truncate
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pifa.solver, "truncate", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(model, density=0.5)
+    assert_clean(model)
+
+
+def test_resume_after_failure_gives_identical_tensors(tmp_path, monkeypatch):
+    config = CompressionConfig(density=0.5, method="mpifa")
+    reference = tiny_model("llama")
+    compress(reference, config, CALIB, batch_size=4, progress=False)
+
+    real = pifa.solver.truncate
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # inside the second block
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pifa.solver, "truncate", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        compress(tiny_model("llama"), config, CALIB, batch_size=4, progress=False, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(pifa.solver, "truncate", real)
+    assert (tmp_path / "ck" / "block_0000.safetensors").exists()
+    assert not (tmp_path / "ck" / "block_0001.safetensors").exists()
+    resumed = tiny_model("llama")
+    report = compress(resumed, config, CALIB, batch_size=4, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert len(report.modules) == 14
+    expected = reference.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    compress(tiny_model("llama"), CompressionConfig(density=0.5), CALIB, progress=False, checkpoint_dir=tmp_path / "ck")
+    with pytest.raises(ValueError, match="another config"):
+        compress(tiny_model("llama"), CompressionConfig(density=0.6), CALIB, progress=False, checkpoint_dir=tmp_path / "ck")
+
+
+def test_non_finite_activations_name_the_block():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite activations at the input of model.layers.1.self_attn.q_proj in block 1"):
+        run(model, density=0.5)
+
+
+def test_no_block_list():
+    model = torch.nn.Sequential(torch.nn.Embedding(128, 8), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no block list found"):
+        compress(model, CompressionConfig(), CALIB, progress=False)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"density": 0}, "density 0 is outside"), ({"density": 1.5}, "density 1.5"),
+     ({"method": "lora"}, "unknown method 'lora'"), ({"attn_density": -1}, "attn_density -1"),
+     ({"allocation": "x"}, "unknown allocation")],
+)
+def test_config_bad_input(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig(**fields)
+
+
+def test_config_round_trips_through_json():
+    config = CompressionConfig(density=0.4, targets=("*mlp*",), attn_density=0.5)
+    assert CompressionConfig.from_dict(config.to_dict()) == config
