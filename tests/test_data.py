@@ -10,21 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pifa.data import calibration_batches, load_texts, stdlib_python_files
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+from conftest import char_tokenizer
 TEXT = "the quick brown fox jumps over the lazy dog.\n\n" * 20
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A character-level WordLevel tokenizer, one id per character, built offline."""
-    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(ALPHABET)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", model_max_length=16)
+    return char_tokenizer(model_max_length=16)
 
 
 def test_tokenizer_is_character_level(tokenizer) -> None:

@@ -1,0 +1,176 @@
+"""Quality evaluation of dense and compressed models (ALGORITHMS.md section 8).
+
+* Causal LMs: perplexity over non-overlapping windows of a tokenized text stream.
+* Encoders: fidelity of mean-pooled sentence embeddings to the dense model's (mean
+  cosine of matching rows and top-1 nearest-neighbour agreement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+BOS_HANDLING = "none"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode (no dropout) for the block, restoring its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _windows(input_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The token stream ``[L]`` or ``[1, L]`` cut into ``[L // seq_len, seq_len]`` (tail dropped)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len {seq_len!r} must be an integer >= 2 (one predicted token per window at least)")
+    if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+        input_ids = input_ids[0]
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must have shape [L] or [1, L], got {list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    count = input_ids.numel() // seq_len
+    if count == 0:
+        raise ValueError(f"seq_len {seq_len} is longer than the token stream of {input_ids.numel()} tokens")
+    return input_ids[: count * seq_len].reshape(count, seq_len).long()
+
+
+def _window_nll(model: nn.Module, batch: torch.Tensor, first: int) -> float:
+    """Summed NLL (float64) of the ``B * (T - 1)`` predicted tokens of ``batch`` ``[B, T]``.
+
+    ``first`` is the index of the batch's first window, used in the error message when a
+    window's logits are not finite.
+    """
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+    finite = torch.isfinite(logits).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = first + int((~finite).nonzero()[0, 0])
+        raise ValueError(f"non-finite logits in perplexity window {bad}")
+    targets = batch[:, 1:]
+    nll = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return float(nll)
+
+
+def perplexity(model: nn.Module, input_ids: torch.Tensor, seq_len: int, batch_size: int = 4) -> float:
+    """Perplexity of a causal LM on a token stream.
+
+    ``input_ids`` is a LongTensor ``[L]`` or ``[1, L]``. It is cut into ``W = L // seq_len``
+    non-overlapping windows of ``seq_len`` tokens (the incomplete tail is dropped), run in
+    batches of ``batch_size`` windows ``[B, seq_len]`` under ``torch.no_grad``; every
+    window predicts its ``seq_len - 1`` next tokens. Returns exp of the token-weighted mean
+    NLL over all ``W * (seq_len - 1)`` predicted tokens.
+
+    Raises ``ValueError`` for a ``seq_len`` longer than the stream (or < 2), and for
+    non-finite logits, naming the first offending window index.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r} must be a positive integer")
+    windows = _windows(input_ids, seq_len).to(_device_of(model))
+    total = 0.0
+    with torch.no_grad(), _eval_mode(model):
+        for first in range(0, windows.shape[0], batch_size):
+            total += _window_nll(model, windows[first: first + batch_size], first)
+    predicted = windows.shape[0] * (seq_len - 1)
+    logger.info("perplexity over %d windows of %d tokens", windows.shape[0], seq_len)
+    return math.exp(total / predicted)
+
+
+def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole ``text`` tokenized once without special tokens: LongTensor ``[L]``."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def perplexity_of_text(model: nn.Module, tokenizer: Any, text: str, seq_len: int,
+                       batch_size: int = 4) -> dict[str, Any]:
+    """Perplexity of ``text`` with every protocol field recorded next to it.
+
+    The text is tokenized as given (documents already joined by the caller), with no
+    special tokens: no BOS is prepended to the stream or to the windows
+    (``bos_handling="none"``). Returns ``ppl``, ``seq_len``, ``windows``, ``tokens`` (tokens
+    inside the windows), ``predicted_tokens`` (``windows * (seq_len - 1)``),
+    ``stream_tokens`` (before the tail is dropped), ``dtype``, ``bos_handling``, ``model``
+    and ``tokenizer`` (their ``name_or_path``).
+    """
+    ids = text_token_ids(tokenizer, text)
+    ppl = perplexity(model, ids, seq_len, batch_size)
+    windows = ids.numel() // seq_len
+    param = next(model.parameters())
+    return {
+        "ppl": ppl,
+        "seq_len": seq_len,
+        "windows": windows,
+        "tokens": windows * seq_len,
+        "predicted_tokens": windows * (seq_len - 1),
+        "stream_tokens": ids.numel(),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "bos_handling": BOS_HANDLING,
+        "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+    }
+
+
+def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str], batch_size: int = 32,
+                           max_length: int = 128) -> torch.Tensor:
+    """L2-normalised, attention-mask-weighted mean of ``last_hidden_state``: float32 ``[N, d]``.
+
+    Sentences are tokenized with the tokenizer's special tokens, padded per batch and
+    truncated to ``max_length`` tokens, as sentence-transformers does for
+    all-MiniLM-L6-v2. Rows follow the order of ``sentences``.
+    """
+    if not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+    device = _device_of(model)
+    rows = []
+    with torch.no_grad(), _eval_mode(model):
+        for start in range(0, len(sentences), batch_size):
+            enc = tokenizer(sentences[start: start + batch_size], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt").to(device)
+            hidden = model(**enc).last_hidden_state.float()  # [B, T, d]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            rows.append(F.normalize(pooled, p=2, dim=1).cpu())
+    return torch.cat(rows)
+
+
+def _nearest_others(emb: torch.Tensor) -> torch.Tensor:
+    """Index of each row's most cosine-similar OTHER row of ``emb`` ``[N, d]``: LongTensor ``[N]``."""
+    unit = F.normalize(emb.double(), p=2, dim=1)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-math.inf)
+    return sims.argmax(dim=1)
+
+
+def encoder_fidelity(dense_emb: torch.Tensor, comp_emb: torch.Tensor) -> dict[str, float]:
+    """How closely compressed embeddings ``[N, d]`` follow the dense ones ``[N, d]``.
+
+    ``cosine``: mean cosine similarity of matching rows. ``top1_agreement``: the fraction of
+    sentences whose nearest neighbour among the other N - 1 sentences (by cosine) is the
+    same under both models. Needs N >= 2.
+    """
+    if dense_emb.dim() != 2 or dense_emb.shape != comp_emb.shape:
+        raise ValueError(f"embeddings must both be [N, d]; got {list(dense_emb.shape)} and {list(comp_emb.shape)}")
+    if dense_emb.shape[0] < 2:
+        raise ValueError("encoder fidelity needs at least 2 sentences")
+    cosine = F.cosine_similarity(dense_emb.double(), comp_emb.double(), dim=1).mean()
+    agree = (_nearest_others(dense_emb) == _nearest_others(comp_emb)).double().mean()
+    return {"cosine": float(cosine), "top1_agreement": float(agree)}
