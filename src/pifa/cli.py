@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per CompressionConfig field, so the CLI and the config never drift."""
+    """One flag per CompressionConfig field (help and default from the field), so they never drift."""
     import dataclasses
 
     from .config import ALLOCATIONS, METHODS, CompressionConfig
@@ -58,12 +58,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(CompressionConfig):
         if field.name == "version":
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata.get("help")
         if isinstance(field.default, tuple):
-            parser.add_argument(flag, nargs="*", default=None, metavar="PATTERN", help=f"default: {' '.join(field.default) or 'all'}")
+            parser.add_argument(flag, nargs="*", default=list(field.default), metavar="PATTERN", help=help_text)
         else:
             kind = float if field.name == "attn_density" else type(field.default)
-            parser.add_argument(flag, type=kind, default=None, choices=choices.get(field.name), help=f"default: {field.default}")
+            parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name), help=help_text)
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
@@ -71,9 +71,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
     from .config import CompressionConfig
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionConfig)
-             if f.name != "version" and getattr(args, f.name) is not None}
-    return CompressionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionConfig) if f.name != "version"}
+    return CompressionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

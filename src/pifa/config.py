@@ -14,6 +14,10 @@ ALLOCATIONS = ("uniform", "owl")
 DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
 
 
+def _field(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """How to compress. ``density`` is the KEPT fraction of the targeted linears' weights.
@@ -37,20 +41,20 @@ class CompressionConfig:
         pivot_method: "lu" or "qr" for the PIFA re-encoding.
     """
 
-    density: float = 0.5
-    method: str = "mpifa"
-    attn_density: float | None = None
-    allocation: str = "uniform"
-    owl_threshold: float = 5.0
-    owl_lambda: float = 0.08
-    mix: float = 0.25
-    als_steps: int = 2
-    ridge: float = 1e-3
-    damping: float = 1e-6
-    rank_multiple_of: int = 1
-    targets: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    pivot_method: str = "lu"
+    density: float = _field(0.5, "kept fraction of the targeted linears' weights, in (0, 1]")
+    method: str = _field("mpifa", "svd | svd-llm (whitened) | m (whitened + M) | mpifa (M + PIFA)")
+    attn_density: float | None = _field(None, "attention density; the MLP density is solved to hit --density")
+    allocation: str = _field("uniform", "uniform, or owl (outlier-aware per block)")
+    owl_threshold: float = _field(5.0, "OWL: a score is an outlier above this multiple of the mean")
+    owl_lambda: float = _field(0.08, "OWL: block densities spread over density +- this")
+    mix: float = _field(0.25, "M: weight of the dense stream in the target")
+    als_steps: int = _field(2, "M: alternating least-squares steps")
+    ridge: float = _field(1e-3, "M: pull of U V toward W (relative to the statistics' mean diagonal)")
+    damping: float = _field(1e-6, "relative damping of X X^T before Cholesky")
+    rank_multiple_of: int = _field(1, "round every rank down to a multiple of this")
+    targets: tuple[str, ...] = _field((), "fnmatch patterns of modules to compress (default: all block linears)")
+    ignore: tuple[str, ...] = _field(DEFAULT_IGNORE, "fnmatch patterns never compressed")
+    pivot_method: str = _field("lu", "PIFA pivoting: lu (fast) or qr (smallest coefficients)")
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
