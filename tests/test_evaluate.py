@@ -138,3 +138,14 @@ def test_fidelity_detects_changes() -> None:
         encoder_fidelity(dense, dense[:3])
     with pytest.raises(ValueError):
         encoder_fidelity(dense[:1], dense[:1])
+
+
+def test_max_windows_evaluates_the_first_windows(char_tokenizer) -> None:
+    model = tiny_model("llama")
+    text = "the quick brown fox jumps over the lazy dog.\n\n" * 3
+    ids = torch.tensor([char_tokenizer.convert_tokens_to_ids(ch) for ch in text])
+    result = perplexity_of_text(model, char_tokenizer, text, seq_len=32, max_windows=2)
+    assert (result["windows"], result["stream_tokens"], result["max_windows"]) == (2, 138, 2)
+    assert result["ppl"] == pytest.approx(perplexity(model, ids[:64], 32), rel=1e-9)
+    with pytest.raises(ValueError, match="max_windows"):
+        perplexity_of_text(model, char_tokenizer, text, seq_len=32, max_windows=0)

@@ -107,6 +107,95 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_layers
+    from .loading import resolve_device
+
+    device = str(resolve_device(args.device))
+    m, n, r = args.out_features, args.in_features, args.rank
+    dtypes = [_torch_dtype(d) for d in args.dtypes]
+    print(f"pifa bench layer: {m} x {n}, rank {r}, device {device}, threads {torch.get_num_threads()}, "
+          f"FLOP ideal lowrank/pifa {(m + n) / max(m + n - r, 1):.3f}")
+    rows = [row for dtype in dtypes for row in bench_layers(m, n, r, args.tokens, dtype, device, args.rounds)]
+    print(format_table(rows))
+    _write_json(args.json, {"kind": "bench-layer", "device": device, "shape": [m, n], "rank": r, "rows": rows})
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from .bench import bench_models, random_pivot_copy, synthetic_llama
+    from .loading import load_dense, resolve_device
+    from .serialization import load_compressed
+
+    device = str(resolve_device(args.device))
+    if args.compressed:
+        if not args.dense:
+            raise ValueError("--compressed needs --dense, the model it was compressed from")
+        dense, _ = load_dense(args.dense, args.dtype, device)
+        models = {"dense": dense, "compressed": load_compressed(args.compressed, device=device, dtype=dense.dtype)}
+    else:
+        dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, _torch_dtype(args.dtype), device)
+        models = {"dense": dense, f"pifa@{args.density}": random_pivot_copy(dense, args.density)}
+    result = bench_models(models, args.batch, args.prefill, args.decode, device, args.rounds)
+    print(f"pifa bench model: batch {args.batch}, prefill {args.prefill} tokens, decode {args.decode} tokens, "
+          f"device {device}")
+    print(format_table(result["rows"]))
+    print(f"peak memory ({result['peak_memory_kind']}): {result['peak_memory_MB']} MB")
+    _write_json(args.json, {"kind": "bench-model", **result})
+    return 0
+
+
+def _add_bench(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="measure speed: layers or whole models")
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    layer = kinds.add_parser("layer", help="dense vs low-rank vs PIFA (and 2:4 on CUDA) at one shape",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    layer.add_argument("--out-features", type=int, default=4096)
+    layer.add_argument("--in-features", type=int, default=4096)
+    layer.add_argument("--rank", type=int, default=2048)
+    layer.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512, 2048])
+    layer.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    layer.set_defaults(func=cmd_bench_layer)
+    model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs compressed",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model.add_argument("--compressed", help="a pifa output directory (with --dense)")
+    model.add_argument("--dense", help="the dense model it came from")
+    model.add_argument("--hidden", type=int, default=4096, help="synthetic Llama: hidden size")
+    model.add_argument("--mlp", type=int, default=11008, help="synthetic Llama: MLP size")
+    model.add_argument("--blocks", type=int, default=4, help="synthetic Llama: blocks")
+    model.add_argument("--vocab", type=int, default=32000, help="synthetic Llama: vocabulary")
+    model.add_argument("--density", type=float, default=0.5, help="synthetic: PIFA density of every block linear")
+    model.add_argument("--batch", type=int, default=1)
+    model.add_argument("--prefill", type=int, default=512, help="prefill tokens per sequence")
+    model.add_argument("--decode", type=int, default=32, help="decoded tokens (with the KV cache)")
+    model.set_defaults(func=cmd_bench_model)
+    for parser in (layer, model):
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("--rounds", type=int, default=5)
+        parser.add_argument("--json", help="also write the results to this JSON file")
+    model.add_argument("--dtype", default="float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pifa", description="Post-training low-rank compression of transformer models (MPIFA)."
@@ -132,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_config_flags(comp)
     comp.set_defaults(func=cmd_compress)
+    _add_bench(sub)
     return parser
 
 

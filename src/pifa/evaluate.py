@@ -100,20 +100,25 @@ def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
-def perplexity_of_text(model: nn.Module, tokenizer: Any, text: str, seq_len: int,
-                       batch_size: int = 4) -> dict[str, Any]:
-    """Perplexity of ``text`` with every protocol field recorded next to it.
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 4,
+                      max_windows: int | None = None) -> dict[str, Any]:
+    """Perplexity of a token stream ``ids`` ``[L]`` with the protocol fields next to it.
 
-    The text is tokenized as given (documents already joined by the caller), with no
-    special tokens: no BOS is prepended to the stream or to the windows
-    (``bos_handling="none"``). Returns ``ppl``, ``seq_len``, ``windows``, ``tokens`` (tokens
-    inside the windows), ``predicted_tokens`` (``windows * (seq_len - 1)``),
-    ``stream_tokens`` (before the tail is dropped), ``dtype``, ``bos_handling``, ``model``
-    and ``tokenizer`` (their ``name_or_path``).
+    With ``max_windows``, only the first ``max_windows`` windows are evaluated (a budget
+    cut, recorded as ``max_windows``). Returns ``ppl``, ``seq_len``, ``windows``, ``tokens``
+    (tokens inside the evaluated windows), ``predicted_tokens`` (``windows * (seq_len - 1)``),
+    ``stream_tokens`` (the whole stream), ``max_windows``, ``dtype``, ``bos_handling`` and
+    ``model`` (its ``name_or_path``).
     """
-    ids = text_token_ids(tokenizer, text)
-    ppl = perplexity(model, ids, seq_len, batch_size)
-    windows = ids.numel() // seq_len
+    ids = ids.reshape(-1)
+    if max_windows is not None:
+        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+            raise ValueError(f"max_windows {max_windows!r} must be a positive integer or None")
+        ids_used = ids[: max_windows * seq_len]
+    else:
+        ids_used = ids
+    ppl = perplexity(model, ids_used, seq_len, batch_size)
+    windows = ids_used.numel() // seq_len
     param = next(model.parameters())
     return {
         "ppl": ppl,
@@ -122,11 +127,25 @@ def perplexity_of_text(model: nn.Module, tokenizer: Any, text: str, seq_len: int
         "tokens": windows * seq_len,
         "predicted_tokens": windows * (seq_len - 1),
         "stream_tokens": ids.numel(),
+        "max_windows": max_windows,
         "dtype": str(param.dtype).removeprefix("torch."),
         "bos_handling": BOS_HANDLING,
         "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
-        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
     }
+
+
+def perplexity_of_text(model: nn.Module, tokenizer: Any, text: str, seq_len: int,
+                       batch_size: int = 4, max_windows: int | None = None) -> dict[str, Any]:
+    """Perplexity of ``text`` with every protocol field recorded next to it.
+
+    The text is tokenized once as given (documents already joined by the caller), with no
+    special tokens: no BOS is prepended to the stream or to the windows
+    (``bos_handling="none"``). Returns the fields of :func:`perplexity_of_ids` plus
+    ``tokenizer`` (its ``name_or_path``).
+    """
+    result = perplexity_of_ids(model, text_token_ids(tokenizer, text), seq_len, batch_size, max_windows)
+    result["tokenizer"] = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    return result
 
 
 def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str], batch_size: int = 32,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 
-def _sync(device: torch.device | str | None) -> None:
+def sync(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -29,18 +29,18 @@ def interleaved_medians(
     inner: dict[str, int] = {}
     for name, fn in fns.items():
         fn()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         inner[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
-            _sync(device)
+            sync(device)
             samples[name].append((time.perf_counter() - start) * 1e3 / inner[name])
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -1,0 +1,189 @@
+"""Speed measurement: layers (dense vs low-rank vs PIFA) and whole models (prefill, decode).
+
+Everything is timed side by side in one process (interleaved rounds, medians), and
+reported as milliseconds or tokens/s plus ratios, the only numbers worth comparing on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import LowRankLinear, PivotLinear
+from .modules import find_blocks, is_linear, linear_shape, set_module
+from .ranks import rank_for_density
+from .timing import interleaved_medians, sync
+
+logger = logging.getLogger(__name__)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} {value!r} must be a positive integer")
+
+
+def _semi_structured(dense: nn.Linear) -> nn.Module | None:
+    """A 2:4 sparse copy of ``dense`` on CUDA with semi-structured support, else None."""
+    if dense.weight.device.type != "cuda":
+        return None
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        weight = dense.weight.detach().clone()
+        mask = torch.zeros_like(weight, dtype=torch.bool).view(-1, 4)
+        mask[:, :2] = True
+        weight = weight * mask.view_as(weight)
+        sparse = nn.Linear(dense.in_features, dense.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        sparse.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+        return sparse
+    except (RuntimeError, ImportError, ValueError) as exc:  # unsupported GPU, dtype or shape
+        logger.info("2:4 semi-structured sparsity unavailable: %s", exc)
+        return None
+
+
+def layer_set(m: int, n: int, rank: int, dtype: torch.dtype, device: str) -> dict[str, nn.Module]:
+    """Dense, low-rank and PIFA layers of one shape with random weights (and 2:4 on CUDA)."""
+    _check_positive(out_features=m, in_features=n, rank=rank)
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(m, rank, generator=g) / rank**0.5, torch.randn(rank, n, generator=g) / n**0.5
+    low = LowRankLinear.from_factors(up, down)
+    dense = nn.Linear(n, m, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(m, n, generator=g) / n**0.5)
+    layers = {"dense": dense, "lowrank": low, "pifa": PivotLinear.from_low_rank(low)}
+    layers = {k: v.to(device=device, dtype=dtype).eval() for k, v in layers.items()}
+    sparse = _semi_structured(layers["dense"])
+    if sparse is not None:
+        layers["sparse24"] = sparse
+    return layers
+
+
+def bench_layers(m: int, n: int, rank: int, tokens: list[int], dtype: torch.dtype, device: str,
+                 rounds: int = 7) -> list[dict[str, Any]]:
+    """Milliseconds per forward of each layer kind at each token count, and ratios to PIFA."""
+    _check_positive(rounds=rounds, **{f"tokens[{i}]": t for i, t in enumerate(tokens)})
+    layers = layer_set(m, n, rank, dtype, device)
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, n, device=device, dtype=dtype)
+        with torch.inference_mode():
+            ms = interleaved_medians({k: (lambda f=f: f(x)) for k, f in layers.items()}, rounds=rounds, device=device)
+        row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "tokens": t}
+        row.update({f"{k}_ms": round(v, 3) for k, v in ms.items()})
+        row.update({f"{k}/pifa": round(v / ms["pifa"], 3) for k, v in ms.items() if k != "pifa"})
+        rows.append(row)
+    return rows
+
+
+def synthetic_llama(hidden: int, mlp: int, blocks: int, vocab: int, dtype: torch.dtype, device: str) -> nn.Module:
+    """A Llama-shaped causal LM with random weights (built on meta, then filled: fast)."""
+    import transformers
+
+    _check_positive(hidden=hidden, mlp=mlp, blocks=blocks, vocab=vocab)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=blocks, vocab_size=vocab,
+        num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=4096, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)
+    return model.to(dtype).eval()
+
+
+def random_pivot_copy(model: nn.Module, density: float) -> nn.Module:
+    """``model`` with every block linear replaced by a PIFA layer of random values at ``density``.
+
+    For speed measurement only: the layers have the shapes and ranks of real PIFA layers.
+    """
+    import copy
+
+    compressed = copy.deepcopy(model)
+    _, blocks = find_blocks(compressed)
+    g = torch.Generator().manual_seed(1)
+    for block in blocks:
+        for local, module in list(block.named_modules()):
+            if not is_linear(module):
+                continue
+            m, n = linear_shape(module)
+            rank = rank_for_density(m, n, density, "pifa")
+            layer = PivotLinear(n, m, rank, bias=module.bias is not None, device=module.weight.device,
+                                dtype=module.weight.dtype)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                layer.pivot_index.copy_(torch.randperm(m, generator=g)[:rank].sort().values)
+            layer._refresh_index()
+            set_module(block, local, layer)
+    return compressed
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, device: str) -> float:
+    """Seconds for ``steps`` greedy single-token forwards with the KV cache (the prompt is not timed)."""
+    out = model(input_ids=prompt, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _decode_medians(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int, device: str,
+                    rounds: int) -> dict[str, float]:
+    """Median decode milliseconds per model, rounds interleaved across models, after a warm-up."""
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(rounds + 1):
+        for name, model in models.items():
+            seconds = _decode_seconds(model, prompt, steps, device)
+            if round_:  # round 0 warms up
+                samples[name].append(seconds * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_models(models: dict[str, nn.Module], batch: int, prefill: int, decode: int, device: str,
+                 rounds: int = 3) -> dict[str, Any]:
+    """Prefill tokens/s (batch x prefill tokens, one forward) and decode tokens/s (KV cache)."""
+    _check_positive(batch=batch, prefill=prefill, decode=decode, rounds=rounds)
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prefill), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = ids[:, :16]
+    with torch.inference_mode():
+        pre = interleaved_medians({k: (lambda m=m: m(input_ids=ids, use_cache=False)) for k, m in models.items()},
+                                  rounds=rounds, min_seconds=0.0, device=device)
+        dec = _decode_medians(models, prompt, decode, device, rounds)
+    rows = []
+    for name, model in models.items():
+        decode_ms = dec[name]
+        rows.append({"model": name, "weight_MB": round(weight_bytes(model) / 2**20, 1),
+                     "prefill_tok_s": round(batch * prefill / pre[name] * 1e3, 1),
+                     "decode_tok_s": round(batch * decode / decode_ms * 1e3, 2)})
+    base = rows[0]
+    for row in rows:
+        row["prefill_x"] = round(row["prefill_tok_s"] / base["prefill_tok_s"], 3)
+        row["decode_x"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
+    peak = (torch.cuda.max_memory_allocated() if str(device).startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"rows": rows, "batch": batch, "prefill": prefill, "decode": decode, "device": str(device),
+            "peak_memory_MB": round(peak / 2**20, 1),
+            "peak_memory_kind": "cuda max allocated" if str(device).startswith("cuda") else "process peak RSS"}
