@@ -184,3 +184,46 @@ def test_config_bad_input(fields, message):
 def test_config_round_trips_through_json():
     config = CompressionConfig(density=0.4, targets=("*mlp*",), attn_density=0.5)
     assert CompressionConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sparse_methods_keep_n_of_every_m(method, pattern, tmp_path):
+    n_keep, m_group = map(int, pattern.split(":"))
+    model = tiny_model("gpt2")  # Conv1D: the pattern runs along the inputs of the transposed weight
+    report = run(model, method=method, pattern=pattern)
+    assert report.density == pytest.approx(n_keep / m_group)
+    from pifa.modules import linear_weight
+    for module in find_blocks(model)[1].modules():
+        if is_linear(module):
+            groups = linear_weight(module).reshape(-1, m_group)
+            assert torch.equal((groups != 0).sum(1), torch.full((groups.shape[0],), n_keep))
+    expected = model_output(model, CALIB[:2])
+    save_compressed(model, tmp_path / "s", compression=CompressionConfig(method=method, pattern=pattern).to_dict())
+    assert torch.equal(model_output(load_compressed(tmp_path / "s"), CALIB[:2]), expected)
+
+
+def test_sparsegpt_beats_magnitude_on_the_output():
+    reference = model_output(tiny_model("llama"), CALIB)
+    err = {}
+    for method in ("magnitude", "sparsegpt"):
+        model = tiny_model("llama")
+        run(model, method=method, pattern="2:4")
+        err[method] = float((model_output(model, CALIB) - reference).norm())
+    assert err["sparsegpt"] < err["magnitude"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"method": "wanda", "pattern": "2:4", "density": 0.6}, "contradicts pattern 2:4"),
+     ({"method": "wanda", "pattern": "4:2"}, "pattern '4:2'"),
+     ({"method": "mpifa", "pattern": "2:4"}, "needs a sparse method")],
+)
+def test_sparse_config_bad_input(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig(**fields)
+
+
+def test_width_not_divisible_by_m():
+    with pytest.raises(ValueError, match="not divisible by M=5"):
+        run(tiny_model("llama"), method="magnitude", pattern="2:5")

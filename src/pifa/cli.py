@@ -62,7 +62,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(field.default, tuple):
             parser.add_argument(flag, nargs="*", default=list(field.default), metavar="PATTERN", help=help_text)
         else:
-            kind = float if field.name == "attn_density" else type(field.default)
+            kind = float if field.default is None else type(field.default)
             parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name), help=help_text)
 
 

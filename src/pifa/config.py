@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ranks import check_density
+from .sparse import METHODS as SPARSE_METHODS
+from .sparse import parse_pattern, resolve_density
 
 CONFIG_VERSION = 1
-METHODS = ("svd", "svd-llm", "m", "mpifa")
+LOW_RANK_METHODS = ("svd", "svd-llm", "m", "mpifa")
+METHODS = LOW_RANK_METHODS + SPARSE_METHODS
 ALLOCATIONS = ("uniform", "owl")
 DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
 
@@ -41,8 +44,11 @@ class CompressionConfig:
         pivot_method: "lu" or "qr" for the PIFA re-encoding.
     """
 
-    density: float = _field(0.5, "kept fraction of the targeted linears' weights, in (0, 1]")
-    method: str = _field("mpifa", "svd | svd-llm (whitened) | m (whitened + M) | mpifa (M + PIFA)")
+    density: float = _field(None, "kept fraction of the targeted linears' weights, in (0, 1] (default 0.5, "
+                                  "or N/M for an N:M pattern)")
+    method: str = _field("mpifa", "svd | svd-llm (whitened) | m (whitened + M) | mpifa (M + PIFA); "
+                                  "sparse baselines: magnitude | wanda | sparsegpt | ria")
+    pattern: str = _field("unstructured", "sparse methods: unstructured, or N:M such as 2:4 or 4:8")
     attn_density: float | None = _field(None, "attention density; the MLP density is solved to hit --density")
     allocation: str = _field("uniform", "uniform, or owl (outlier-aware per block)")
     owl_threshold: float = _field(5.0, "OWL: a score is an outlier above this multiple of the mean")
@@ -58,10 +64,18 @@ class CompressionConfig:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        parse_pattern(self.pattern)
+        if self.method in SPARSE_METHODS:
+            density = 0.5 if self.density is None and parse_pattern(self.pattern) is None else self.density
+            object.__setattr__(self, "density", resolve_density(self.pattern, density))
+        elif self.pattern != "unstructured":
+            raise ValueError(f"pattern {self.pattern!r} needs a sparse method ({', '.join(SPARSE_METHODS)})")
+        elif self.density is None:
+            object.__setattr__(self, "density", 0.5)
         check_density(self.density)
         if self.attn_density is not None:
             check_density(self.attn_density, "attn_density")
-        _choice("method", self.method, METHODS)
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("pivot_method", self.pivot_method, ("lu", "qr"))
         if not 0 <= self.mix <= 1:
@@ -80,8 +94,16 @@ class CompressionConfig:
 
     @property
     def layer_kind(self) -> str:
-        """The layer every target becomes: "pivot" for mpifa, "lowrank" otherwise."""
+        """What every target becomes: "pivot" for mpifa, "sparse" (zeros in place) for the sparse
+        baselines, "lowrank" otherwise."""
+        if self.method in SPARSE_METHODS:
+            return "sparse"
         return "pivot" if self.method == "mpifa" else "lowrank"
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, None when unstructured."""
+        return parse_pattern(self.pattern)
 
     @property
     def uses_calibration(self) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import solver
+from . import solver, sparse
 from .allocation import allocate_ranks, outlier_ratio, owl_block_densities, split_densities
 from .capture import BlockInputs, capture_first_block, infer_groups, layer_inputs
 from .checkpoint import Checkpoint
@@ -93,7 +93,7 @@ def compress(
         if config.method in ("m", "mpifa"):
             streams.dense = list(streams.compressed)
         with report.stage("allocate"):
-            ranks = _plan_ranks(config, blocks, targets, streams, device)
+            plan = _plan(config, blocks, targets, streams, device)
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         for index, block in bar:
             home = next(block.parameters()).device
@@ -103,7 +103,7 @@ def compress(
                 report.modules += checkpoint.restore_block(index, block, f"{blocks_name}.{index}")
             else:
                 report.modules += _compress_block(block, dense_block, index, f"{blocks_name}.{index}",
-                                                  targets[index], ranks, streams, config, device, bar, report)
+                                                  targets[index], plan, streams, config, device, bar, report)
                 if checkpoint is not None:
                     checkpoint.save_block(index, block, f"{blocks_name}.{index}", report.modules)
             bar.set_postfix(stage="propagate")
@@ -115,13 +115,18 @@ def compress(
     return report
 
 
-def _plan_ranks(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
-                streams: _Streams, device: torch.device) -> dict[str, int]:
+def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
+          streams: _Streams, device: torch.device) -> dict[str, float]:
+    """Per module: its rank (low-rank methods) or its density (sparse methods)."""
     shapes = {name: linear_shape(m) for t in targets for name, m in t.items()}
+    if config.nm is not None:
+        return {name: config.density for name in shapes}
     densities = split_densities(shapes, {n: is_attention(n) for n in shapes}, config.density, config.attn_density)
     if config.allocation == "owl":
         scale = _owl_scales(config, blocks, targets, streams, device)
         densities = {name: min(1.0, d * scale[name]) for name, d in densities.items()}
+    if config.layer_kind == "sparse":
+        return densities
     return allocate_ranks(shapes, densities, RANK_KIND[config.layer_kind], config.rank_multiple_of)
 
 
@@ -166,7 +171,7 @@ def _group_statistics(block: nn.Module, dense_block: nn.Module | None, first: st
 
 
 def _compress_block(block: nn.Module, dense_block: nn.Module | None, index: int, prefix: str,
-                    linears: dict[str, nn.Module], ranks: dict[str, int], streams: _Streams,
+                    linears: dict[str, nn.Module], plan: dict[str, float], streams: _Streams,
                     config: CompressionConfig, device: torch.device, bar: tqdm,
                     report: CompressionReport) -> list[ModuleReport]:
     if not linears:
@@ -179,10 +184,14 @@ def _compress_block(block: nn.Module, dense_block: nn.Module | None, index: int,
         with report.stage("statistics"):
             g, h = _group_statistics(block, dense_block, f"{prefix}.{group[0]}", group[0], streams, device, index)
         bar.set_postfix(stage=f"solve {group[0]}")
+        if config.layer_kind == "sparse":
+            reports += [_prune_linear(block, f"{prefix}.{name}", name, plan[f"{prefix}.{name}"], g, config, report)
+                        for name in group]
+            continue
         with report.stage("whitening"):
             chol = solver.whitening(g, config.damping) if config.uses_calibration else None
         for name in group:
-            reports.append(_solve_linear(block, f"{prefix}.{name}", name, ranks[f"{prefix}.{name}"], g, h, chol,
+            reports.append(_solve_linear(block, f"{prefix}.{name}", name, int(plan[f"{prefix}.{name}"]), g, h, chol,
                                          config, report))
         del g, h, chol
     return reports
@@ -205,3 +214,17 @@ def _solve_linear(block: nn.Module, full: str, local: str, rank: int, g: torch.T
     return ModuleReport(full, config.layer_kind, m, n, rank, m * n,
                         layer_parameters(m, n, rank, RANK_KIND[config.layer_kind]),
                         solver.output_error(weight, up @ down, g))
+
+
+def _prune_linear(block: nn.Module, full: str, local: str, density: float, g: torch.Tensor,
+                  config: CompressionConfig, report: CompressionReport) -> ModuleReport:
+    """Sparse baselines: zeros written into the layer's own weight (nn.Linear or Conv1D)."""
+    module = block.get_submodule(local)
+    weight = linear_weight(module)
+    with report.stage("prune"):
+        pruned = sparse.prune(config.method, weight, g.to(weight.device), density, config.nm)
+    with torch.no_grad():
+        module.weight.copy_(pruned if isinstance(module, nn.Linear) else pruned.T)
+    m, n = weight.shape
+    return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)),
+                        solver.output_error(weight, pruned, g))
