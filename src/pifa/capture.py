@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .faults import crash_point
 from .modules import hooks
 
 
@@ -65,6 +66,7 @@ def capture_first_block(
             try:
                 model(input_ids=batch.to(device))
             except _Stop:
+                crash_point("capture")
                 continue
             raise ValueError("the forward pass never reached the first transformer block")
     return captured

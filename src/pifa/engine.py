@@ -22,6 +22,7 @@ from .allocation import allocate_ranks, outlier_ratio, owl_block_densities, spli
 from .capture import BlockInputs, capture_first_block, infer_groups, layer_inputs
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
+from .faults import crash_point
 from .modules import (
     build_layer, find_blocks, inference_state, is_attention, linear_shape, linear_weight, set_module, target_linears,
 )
@@ -194,6 +195,7 @@ def _compress_block(block: nn.Module, dense_block: nn.Module | None, index: int,
             reports.append(_solve_linear(block, f"{prefix}.{name}", name, int(plan[f"{prefix}.{name}"]), g, h, chol,
                                          config, report))
         del g, h, chol
+        crash_point(f"block:{index}:group")
     return reports
 
 
@@ -205,7 +207,10 @@ def _solve_linear(block: nn.Module, full: str, local: str, rank: int, g: torch.T
         up, down = solver.truncate(weight, chol, rank)
     if config.method in ("m", "mpifa") and h is not None:
         with report.stage("m-reconstruct"):
-            up, down = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps, config.ridge)
+            try:
+                up, down = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps, config.ridge)
+            except solver.SingularSystem:
+                logger.warning("%s: singular M system (rank-deficient layer); keeping the whitened truncation", full)
     bias = None if getattr(module, "bias", None) is None else module.bias.detach()
     with report.stage("pifa" if config.layer_kind == "pivot" else "swap"):
         layer = build_layer(config.layer_kind, up, down, bias, weight.dtype, config.pivot_method).to(weight.device)

@@ -26,6 +26,9 @@ def whitening(g: torch.Tensor, damping: float) -> torch.Tensor:
     eigenvalue (plus the damping) and the shift is logged.
     """
     g = g.to(torch.float64)
+    dead = int((torch.diagonal(g) <= 0).sum())
+    if dead:
+        logger.warning("%d of %d input channels are always zero (dead): X X^T is singular, damping it", dead, g.shape[0])
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     delta = max(damping, 1e-12) * _mean_diag(g)
     chol, info = torch.linalg.cholesky_ex(g + delta * eye)
@@ -49,8 +52,11 @@ def truncate(weight: torch.Tensor, chol: torch.Tensor | None, rank: int) -> tupl
     weight = weight.to(torch.float64)
     whitened = weight if chol is None else weight @ chol
     u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
-    root = s[:rank].sqrt()
-    up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
+    s = s[:rank]
+    # sqrt(S) on each side; a zero singular value keeps its unit column in ``up`` (and a zero
+    # row in ``down``), so ``up`` always has full column rank and PIFA can pivot it.
+    root = s.clamp_min(float(s[0]) * 1e-12 if float(s[0]) > 0 else 1.0).sqrt()
+    up, down = u[:, :rank] * root, (s / root)[:, None] * vh[:rank]
     if chol is not None:  # down L = B  <=>  L^T down^T = B^T
         down = torch.linalg.solve_triangular(chol.T, down.T, upper=True).T
     return up, down
@@ -76,9 +82,16 @@ def m_objective(
     return float(fit + ridge * (a - weight).square().sum())
 
 
+class SingularSystem(ValueError):
+    """A normal-equation system of M was singular (e.g. a dead layer); the caller keeps its start."""
+
+
 def _solve_right(lhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
-    """lhs @ system^-1 for a symmetric positive (semi-)definite system, via solve (no inverse)."""
-    return torch.linalg.solve(system, lhs.T, left=True).T
+    """lhs @ system^-1 for a symmetric positive definite system, via solve (no inverse)."""
+    solution, info = torch.linalg.solve_ex(system, lhs.T)
+    if int(info) != 0 or not bool(torch.isfinite(solution).all()):
+        raise SingularSystem("singular system in the M reconstruction")
+    return solution.T
 
 
 def m_reconstruct(
@@ -96,6 +109,7 @@ def m_reconstruct(
     Both steps minimise the same objective ||U V X~ - Y||^2 + mu ||U V - W||^2
     (mu = ridge * mean(diag G)) exactly in one factor, so it never increases.
     Shapes: weight (m, n), up (m, r), down (r, n), g and h (n, n).
+    Raises ``SingularSystem`` when a step's system is singular (a rank-deficient layer).
     """
     weight, g, h = weight.to(torch.float64), g.to(torch.float64), h.to(torch.float64)
     up, down = up.to(torch.float64), down.to(torch.float64)
