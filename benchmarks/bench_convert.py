@@ -21,7 +21,7 @@ import scipy.linalg
 import torch
 
 from pifa import PivotLinear
-from pifa.cli import format_table
+from pifa.tables import format_table
 
 
 def dense_reference(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -69,3 +69,22 @@ def arch(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+CALIB_TEXT = "the quick brown fox jumps over the lazy dog, again and again.\n\n" * 40
+
+
+def make_dense_dir(root, name: str = "llama"):
+    """A tiny dense model directory (safetensors + tokenizer) and a calib.txt beside it."""
+    model = tiny_model(name)
+    model.save_pretrained(root / "dense")
+    char_tokenizer(64).save_pretrained(root / "dense")
+    (root / "calib.txt").write_text(CALIB_TEXT)
+    return root / "dense"
+
+
+def compress_argv(dense_dir, out, *extra):
+    """`pifa compress` arguments for a directory made by ``make_dense_dir``."""
+    calib = dense_dir.parent / "calib.txt"
+    return ["compress", str(dense_dir), str(out), "--calib", str(calib), "--samples", "4", "--seq-len", "16",
+            "--device", "cpu", *extra]

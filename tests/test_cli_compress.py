@@ -10,24 +10,13 @@ import torch
 from pifa import PivotLinear, load_compressed
 from pifa.cli import main
 
-from conftest import char_tokenizer, model_output, tiny_model
-
-TEXT = "the quick brown fox jumps over the lazy dog, again and again.\n\n" * 40
+from conftest import compress_argv as compress_args
+from conftest import make_dense_dir, model_output
 
 
 @pytest.fixture
 def dense_dir(tmp_path):
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path / "dense")
-    char_tokenizer(64).save_pretrained(tmp_path / "dense")
-    (tmp_path / "calib.txt").write_text(TEXT)
-    return tmp_path / "dense"
-
-
-def compress_args(dense_dir, out, *extra):
-    calib = dense_dir.parent / "calib.txt"
-    return ["compress", str(dense_dir), str(out), "--calib", str(calib), "--samples", "4", "--seq-len", "16",
-            "--device", "cpu", *extra]
+    return make_dense_dir(tmp_path)
 
 
 def test_compress_writes_a_loadable_model_with_its_report(dense_dir, tmp_path, capsys):

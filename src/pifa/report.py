@@ -70,7 +70,7 @@ class CompressionReport:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def table(self) -> str:
-        from .cli import format_table
+        from .tables import format_table
 
         rows = [
             {"module": m.name, "kind": m.kind, "shape": f"{m.out_features}x{m.in_features}", "rank": m.rank,

@@ -1,0 +1,140 @@
+"""The implementations of the ``pifa`` subcommands (parsing lives in ``cli``).
+
+Every command raises ``ValueError`` for bad input; ``cli.main`` turns it into one line and
+exit code 2. Heavy imports happen inside the commands so that ``pifa --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from .ranks import layer_parameters
+from .tables import format_table
+from .serialization import check_tensor_shapes, read_pifa_config
+
+KIND_TO_RANK_KIND = {"lowrank": "lowrank", "pivot": "pifa"}
+
+
+def _module_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in spec["modules"].items():
+        m, n, r = entry["out_features"], entry["in_features"], entry["rank"]
+        after = layer_parameters(m, n, r, KIND_TO_RANK_KIND[entry["kind"]])
+        rows.append({"module": name, "kind": entry["kind"], "shape": f"{m}x{n}", "rank": r,
+                     "before": m * n, "after": after})
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    spec = read_pifa_config(args.path)
+    check_tensor_shapes(args.path, spec)
+    rows = _module_rows(spec)
+    print(f"pifa model {args.path} (format {spec['format_version']}, written by pifa {spec.get('library_version')})")
+    print(format_table(rows))
+    before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
+    density = after / before if before else 1.0
+    print(f"\n{len(rows)} compressed modules: {after:,} of {before:,} weights kept, density {density:.4f}")
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from .config import CompressionConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionConfig) if f.name != "version"}
+    return CompressionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .data import calibration_batches
+    from .engine import compress
+    from .loading import load_dense, resolve_device
+    from .serialization import save_compressed
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+    config = _config_from_args(args)
+    device = resolve_device(args.device)
+    model, tokenizer = load_dense(args.model, args.dtype, str(device))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
+    calib = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+    checkpoint = out.with_name(out.name + ".pifa-checkpoint")
+    if checkpoint.exists() and not args.resume:
+        shutil.rmtree(checkpoint)
+    report = compress(model, config, calib, device=device, batch_size=args.batch_size, checkpoint_dir=str(checkpoint))
+    report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}
+    save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
+                    extra_files={"compression_report.json": report.to_json()})
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    print(report.table())
+    print(f"saved to {out}")
+    return 0
+
+
+def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_layers
+    from .loading import resolve_device
+
+    device = str(resolve_device(args.device))
+    m, n, r = args.out_features, args.in_features, args.rank
+    dtypes = [_torch_dtype(d) for d in args.dtypes]
+    print(f"pifa bench layer: {m} x {n}, rank {r}, device {device}, threads {torch.get_num_threads()}, "
+          f"FLOP ideal lowrank/pifa {(m + n) / max(m + n - r, 1):.3f}")
+    rows = [row for dtype in dtypes for row in bench_layers(m, n, r, args.tokens, dtype, device, args.rounds)]
+    print(format_table(rows))
+    _write_json(args.json, {"kind": "bench-layer", "device": device, "shape": [m, n], "rank": r, "rows": rows})
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from .bench import bench_models, random_pivot_copy, synthetic_llama
+    from .loading import load_dense, resolve_device
+    from .serialization import load_compressed
+
+    device = str(resolve_device(args.device))
+    if args.compressed:
+        if not args.dense:
+            raise ValueError("--compressed needs --dense, the model it was compressed from")
+        dense, _ = load_dense(args.dense, args.dtype, device)
+        models = {"dense": dense, "compressed": load_compressed(args.compressed, device=device, dtype=dense.dtype)}
+    else:
+        dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, _torch_dtype(args.dtype), device)
+        models = {"dense": dense, f"pifa@{args.density}": random_pivot_copy(dense, args.density)}
+    result = bench_models(models, args.batch, args.prefill, args.decode, device, args.rounds)
+    print(f"pifa bench model: batch {args.batch}, prefill {args.prefill} tokens, decode {args.decode} tokens, "
+          f"device {device}")
+    print(format_table(result["rows"]))
+    print(f"peak memory ({result['peak_memory_kind']}): {result['peak_memory_MB']} MB")
+    _write_json(args.json, {"kind": "bench-model", **result})
+    return 0
+
+

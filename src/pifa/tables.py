@@ -1,0 +1,18 @@
+"""Plain-text tables for the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table with a header row and right-aligned numbers."""
+    if not rows:
+        return "(empty)"
+    cols = list(rows[0])
+    cells = [[str(row[c]) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
