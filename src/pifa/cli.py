@@ -59,6 +59,26 @@ def _add_bench(sub: Any) -> None:
     model.add_argument("--dtype", default="float32")
 
 
+def _add_eval(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="perplexity, zero-shot accuracy or encoder fidelity of a model",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("model", help="a dense model directory or a pifa output directory")
+    ev.add_argument("--ppl", nargs="+", metavar="SOURCE", help="wikitext2, c4 (online) or text files")
+    ev.add_argument("--seq-len", type=int, default=2048, help="perplexity window (non-overlapping)")
+    ev.add_argument("--max-windows", type=int, help="evaluate only this many evenly spaced windows")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag")
+    ev.add_argument("--include-path", help="folder of local lm-eval task definitions")
+    ev.add_argument("--limit", type=int, help="lm-eval: documents per task")
+    ev.add_argument("--sentences", help="encoders: text file, one sentence per line")
+    ev.add_argument("--max-sentences", type=int, default=1000)
+    ev.add_argument("--dense", help="encoders: the dense model to compare with (default: recorded source)")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--json", help="also write the results to this JSON file")
+    ev.set_defaults(func=commands.cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pifa", description="Post-training low-rank compression of transformer models (MPIFA)."
@@ -85,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(comp)
     comp.set_defaults(func=commands.cmd_compress)
     _add_bench(sub)
+    _add_eval(sub)
     return parser
 
 

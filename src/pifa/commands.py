@@ -71,7 +71,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if checkpoint.exists() and not args.resume:
         shutil.rmtree(checkpoint)
     report = compress(model, config, calib, device=device, batch_size=args.batch_size, checkpoint_dir=str(checkpoint))
-    report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}
+    report.config["source"] = str(args.model)
+    report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len,
+                                    "seed": args.seed}
     save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
                     extra_files={"compression_report.json": report.to_json()})
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -138,3 +140,87 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _load_any(path: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """A pifa output directory (load_compressed) or a dense model, with its tokenizer."""
+    from pathlib import Path
+
+    from .loading import load_dense, resolve_dtype
+    from .serialization import CONFIG_NAME, load_compressed
+
+    if (Path(path) / CONFIG_NAME).is_file():
+        from transformers import AutoTokenizer
+
+        dtype_value = resolve_dtype(dtype)
+        model = load_compressed(path, device=device, dtype=None if dtype_value == "auto" else dtype_value)
+        return model, AutoTokenizer.from_pretrained(path)
+    return load_dense(path, dtype, device)
+
+
+def _is_causal_lm(model: Any) -> bool:
+    return getattr(model, "get_output_embeddings", lambda: None)() is not None
+
+
+def _perplexities(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .data import load_texts
+    from .evaluate import perplexity_of_text
+
+    if not _is_causal_lm(model):
+        raise ValueError(f"--ppl needs a causal language model; {type(model).__name__} is an encoder")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
+    results = []
+    for source in args.ppl:
+        text = "\n\n".join(load_texts(source, evaluation=True))
+        result = perplexity_of_text(model, tokenizer, text, args.seq_len, args.batch_size, args.max_windows)
+        results.append({"source": source, **result})
+    return results
+
+
+def _fidelity(model: Any, tokenizer: Any, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    from .evaluate import encoder_fidelity, mean_pooled_embeddings
+    from .loading import load_dense
+
+    dense_path = args.dense
+    report = Path(args.model) / "compression_report.json"
+    if dense_path is None and report.is_file():
+        dense_path = json.loads(report.read_text()).get("config", {}).get("source")
+    if dense_path is None:
+        raise ValueError("encoder fidelity needs --dense, the model to compare with")
+    if args.sentences is None or not Path(args.sentences).is_file():
+        raise ValueError(f"encoder fidelity needs --sentences, a text file with one sentence per line (got {args.sentences!r})")
+    sentences = [s.strip() for s in Path(args.sentences).read_text().splitlines() if s.strip()][: args.max_sentences]
+    dense, _ = load_dense(dense_path, "auto", device)
+    emb = mean_pooled_embeddings(model, tokenizer, sentences, args.batch_size)
+    return {"dense": str(dense_path), "sentences": len(sentences), "pooling": "mean, L2-normalised",
+            **encoder_fidelity(mean_pooled_embeddings(dense, tokenizer, sentences, args.batch_size), emb)}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .loading import resolve_device
+
+    device = str(resolve_device(args.device))
+    if not args.ppl and not args.tasks and args.sentences is None:
+        raise ValueError("nothing to evaluate: give --ppl, --tasks or --sentences")
+    model, tokenizer = _load_any(args.model, device, args.dtype)
+    result: dict[str, Any] = {"kind": "eval", "model": args.model, "device": device}
+    if args.ppl:
+        result["perplexity"] = _perplexities(model, tokenizer, args)
+        print(format_table([{k: r[k] for k in ("source", "ppl", "seq_len", "windows", "tokens", "dtype", "bos_handling")}
+                            for r in result["perplexity"]]))
+    if args.tasks:
+        from .zeroshot import zero_shot
+
+        tasks = [t for t in args.tasks.split(",") if t]
+        result["zero_shot"] = zero_shot(model, tokenizer, tasks, args.batch_size, args.limit, args.include_path)
+        print(format_table([{"task": t, **m} for t, m in result["zero_shot"].items()]))
+    if args.sentences is not None:
+        result["fidelity"] = _fidelity(model, tokenizer, args, device)
+        print(format_table([result["fidelity"]]))
+    _write_json(args.json, result)
+    return 0

@@ -24,6 +24,11 @@ HF_DATASETS = {
     "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="train"),
     "c4": dict(path="allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz", split="train"),
 }
+# Evaluation splits (the calibration ones above are the training splits).
+HF_EVAL_DATASETS = {
+    "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="test"),
+    "c4": dict(path="allenai/c4", data_files="en/c4-validation.00000-of-00008.json.gz", split="train"),
+}
 
 
 def _read(path: Path) -> str:
@@ -52,7 +57,7 @@ def _file_texts(path: Path) -> list[str]:
     return _jsonl_texts(path) if path.suffix == ".jsonl" else [_read(path)]
 
 
-def _dataset_texts(name: str) -> list[str]:
+def _dataset_texts(name: str, evaluation: bool = False) -> list[str]:
     """The ``"text"`` column of the Hugging Face dataset registered as ``name``."""
     try:
         import datasets  # type: ignore[import-not-found]
@@ -63,13 +68,13 @@ def _dataset_texts(name: str) -> list[str]:
         ) from exc
     logger.info("loading calibration dataset %s via datasets", name)
     try:
-        dataset = datasets.load_dataset(**HF_DATASETS[name])
+        dataset = datasets.load_dataset(**(HF_EVAL_DATASETS if evaluation else HF_DATASETS)[name])
     except Exception as exc:  # offline, hub errors, ...
         raise ValueError(f"could not load calibration dataset {name!r}: {exc}") from exc
     return list(dataset["text"])
 
 
-def load_texts(source: str | os.PathLike) -> list[str]:
+def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]:
     """Documents of a calibration ``source``, in a deterministic order.
 
     * a ``.jsonl`` file: one document per line (its ``"text"`` field; blank lines skipped);
@@ -78,7 +83,8 @@ def load_texts(source: str | os.PathLike) -> list[str]:
       path order, each one document (``.jsonl``: one per line);
     * ``"wikitext2"`` or ``"c4"`` (not an existing path): loaded with the ``datasets`` package.
 
-    Whitespace-only documents are dropped. Raises ``ValueError`` for an unknown source, a bad
+    With ``evaluation``, dataset names load their evaluation split (wikitext2: test, c4:
+    validation) instead of the training split. Whitespace-only documents are dropped. Raises ``ValueError`` for an unknown source, a bad
     ``.jsonl`` line (naming its number), or when no text is left.
     """
     path = Path(source)
@@ -89,7 +95,7 @@ def load_texts(source: str | os.PathLike) -> list[str]:
         texts = [text for file in files for text in _file_texts(file)]
         logger.info("read %d calibration files under %s", len(files), path)
     elif str(source) in HF_DATASETS:
-        texts = _dataset_texts(str(source))
+        texts = _dataset_texts(str(source), evaluation)
     else:
         raise ValueError(
             f"calibration source {str(source)!r} is not a file, a folder or a known dataset name "

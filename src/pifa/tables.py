@@ -6,12 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def _cell(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table with a header row and right-aligned numbers."""
+    """A plain-text table with a header row and right-aligned numbers (floats to 6 digits)."""
     if not rows:
         return "(empty)"
     cols = list(rows[0])
-    cells = [[str(row[c]) for c in cols] for row in rows]
+    cells = [[_cell(row.get(c, "")) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
