@@ -12,11 +12,11 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 def char_tokenizer(model_max_length: int = 16) -> transformers.PreTrainedTokenizerFast:
     """A character-level WordLevel tokenizer, one id per character, built offline."""
-    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(ALPHABET)}}
+    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(ALPHABET)}, "[EOS]": len(ALPHABET) + 1}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", model_max_length=model_max_length)
+        tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", eos_token="[EOS]", model_max_length=model_max_length)
 
 COMMON = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
