@@ -14,8 +14,15 @@
 
 Every (method, density) starts from a freshly loaded dense model (compression is in place),
 float32 on the CPU. ``--heldout-windows`` / ``--wikitext-windows`` / ``--sentences`` cut the
-evaluation to the first N windows / sentences to fit a time budget (0: all); the cut is
-recorded in every row. Tables go to stdout, progress to stderr, all rows to ``--json``.
+evaluation to N evenly spaced windows (the start of a text is not representative: the
+first held-out windows, asyncio, have twice the average perplexity) / the first N sentences
+to fit a time budget (0: all); the cut is recorded in every row. Tables go to stdout,
+progress to stderr, all rows to ``--json``.
+
+Cost on 2 CPU cores: compressing takes 5-35 s per run, a 512-token window 0.06-0.2 s and
+a MiniLM sentence about 0.05 s, so the full protocol (1288 windows and 1000 sentences per
+run, 42 runs) takes well over an hour; results/quality.txt was made with
+``--threads 1 --heldout-windows 48 --wikitext-windows 16 --sentences 200``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import transformers
 from tqdm.auto import tqdm
 
 import pifa
-from pifa.cli import format_table
+from pifa.tables import format_table
 from pifa.data import calibration_batches, stdlib_python_files
 from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_ids, text_token_ids
 from pifa.loading import load_dense
@@ -157,18 +164,24 @@ def _minilm_table(rows: list[dict[str, Any]]) -> str:
         "compress s": f"{r['seconds']:.1f}"} for r in rows])
 
 
+def _windows_text(ppl: dict[str, Any]) -> str:
+    """E.g. "48 evenly spaced of 333 windows (24528 predicted tokens)"."""
+    total = ppl["stream_tokens"] // ppl["seq_len"]
+    part = f"{ppl['windows']} evenly spaced of {total}" if ppl["windows"] < total else f"all {total}"
+    return f"{part} windows ({ppl['predicted_tokens']} predicted tokens)"
+
+
 def _describe(rows: list[dict[str, Any]], model: str) -> str:
     first = rows[0]
     if model == "pycode":
         h, w = first["heldout"], first["wikitext"]
         return (f"pycode-llama, float32 CPU; perplexity in {h['seq_len']}-token windows, no special tokens "
-                f"(BOS: {h['bos_handling']}); held-out: {h['windows']} windows = {h['predicted_tokens']} predicted "
-                f"tokens of {h['stream_tokens']}; wikitext-2 test: {w['windows']} windows = "
-                f"{w['predicted_tokens']} predicted tokens of {w['stream_tokens']}; calibration "
-                f"{first['calibration']['samples']} x {first['calibration']['seq_len']} stdlib training tokens")
+                f"(BOS: {h['bos_handling']}); held-out: {_windows_text(h)}; wikitext-2 test: {_windows_text(w)}; "
+                f"calibration {first['calibration']['samples']} x {first['calibration']['seq_len']} tokens "
+                "of stdlib training files")
     p = first["protocol"]
-    return (f"all-MiniLM-L6-v2, float32 CPU; fidelity to the dense model on {p['sentences']} wikitext-2 test "
-            f"lines truncated to {p['max_length']} tokens (mean pooling, L2-normalised); calibration "
+    return (f"all-MiniLM-L6-v2, float32 CPU; fidelity to the dense model on the first {p['sentences']} wikitext-2 "
+            f"test lines truncated to {p['max_length']} tokens (mean pooling, L2-normalised); calibration "
             f"{first['calibration']['samples']} x {first['calibration']['seq_len']} wikitext-2 valid tokens")
 
 
@@ -195,17 +208,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-batch", type=int, default=8, help="calibration sequences per forward pass")
     p.add_argument("--eval-len", type=int, default=512, help="perplexity window (tokens)")
     p.add_argument("--eval-batch", type=int, default=1, help="perplexity windows per forward pass")
-    p.add_argument("--heldout-windows", type=int, default=0, help="evaluate the first N held-out windows (0: all)")
-    p.add_argument("--wikitext-windows", type=int, default=0, help="evaluate the first N wikitext windows (0: all)")
+    p.add_argument("--heldout-windows", type=int, default=0, help="evaluate N evenly spaced held-out windows (0: all)")
+    p.add_argument("--wikitext-windows", type=int, default=0, help="evaluate N evenly spaced wikitext windows (0: all)")
     p.add_argument("--sentences", type=int, default=1000, help="MiniLM fidelity sentences (0: all)")
     p.add_argument("--max-length", type=int, default=128, help="MiniLM tokens per sentence")
     p.add_argument("--embed-batch", type=int, default=32, help="sentences per MiniLM forward pass")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--json", type=Path, default=ROOT / "results" / "quality.json")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     start = time.perf_counter()

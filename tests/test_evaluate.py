@@ -10,7 +10,9 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from conftest import tiny_model
-from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity, perplexity_of_text
+from pifa.evaluate import (
+    encoder_fidelity, mean_pooled_embeddings, perplexity, perplexity_of_text, spread_windows,
+)
 
 VOCAB = 128
 
@@ -140,12 +142,14 @@ def test_fidelity_detects_changes() -> None:
         encoder_fidelity(dense[:1], dense[:1])
 
 
-def test_max_windows_evaluates_the_first_windows(char_tokenizer) -> None:
+def test_max_windows_evaluates_evenly_spaced_windows(char_tokenizer) -> None:
     model = tiny_model("llama")
-    text = "the quick brown fox jumps over the lazy dog.\n\n" * 3
+    text = "the quick brown fox jumps over the lazy dog.\n\n" * 3  # 138 characters: 4 windows of 32
     ids = torch.tensor([char_tokenizer.convert_tokens_to_ids(ch) for ch in text])
     result = perplexity_of_text(model, char_tokenizer, text, seq_len=32, max_windows=2)
     assert (result["windows"], result["stream_tokens"], result["max_windows"]) == (2, 138, 2)
-    assert result["ppl"] == pytest.approx(perplexity(model, ids[:64], 32), rel=1e-9)
+    chosen = torch.cat([ids[0:32], ids[64:96]])  # windows 0 and 2 of 4
+    assert result["ppl"] == pytest.approx(perplexity(model, chosen, 32), rel=1e-9)
+    assert torch.equal(spread_windows(ids, 32, 10), ids[:128])  # more than there are: all of them
     with pytest.raises(ValueError, match="max_windows"):
         perplexity_of_text(model, char_tokenizer, text, seq_len=32, max_windows=0)

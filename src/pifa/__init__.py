@@ -12,6 +12,7 @@ from .layers import LowRankLinear, PivotLinear
 from .pivot import select_pivots
 from .ranks import rank_for_density
 from .serialization import load_compressed, save_compressed
+from . import hf_integration  # noqa: E402,F401  registers the "pifa" quantizer: transformers' from_pretrained loads save_compressed dirs
 
 __all__ = [
     "__version__",

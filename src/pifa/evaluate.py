@@ -100,23 +100,36 @@ def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
+def spread_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """At most ``max_windows`` whole windows of ``ids`` ``[L]``, evenly spaced, re-joined: ``[W * seq_len]``.
+
+    Window ``i`` of the result is window ``(i * total) // max_windows`` of the stream's
+    ``total = L // seq_len`` windows, so a budget cut still samples the whole text (the
+    start of a text is often unrepresentative). ``None`` (or ``max_windows >= total``)
+    keeps every window.
+    """
+    windows = _windows(ids, seq_len)
+    if max_windows is not None:
+        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+            raise ValueError(f"max_windows {max_windows!r} must be a positive integer or None")
+        total = windows.shape[0]
+        if max_windows < total:
+            windows = windows[torch.arange(max_windows) * total // max_windows]
+    return windows.reshape(-1)
+
+
 def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 4,
                       max_windows: int | None = None) -> dict[str, Any]:
     """Perplexity of a token stream ``ids`` ``[L]`` with the protocol fields next to it.
 
-    With ``max_windows``, only the first ``max_windows`` windows are evaluated (a budget
-    cut, recorded as ``max_windows``). Returns ``ppl``, ``seq_len``, ``windows``, ``tokens``
-    (tokens inside the evaluated windows), ``predicted_tokens`` (``windows * (seq_len - 1)``),
-    ``stream_tokens`` (the whole stream), ``max_windows``, ``dtype``, ``bos_handling`` and
-    ``model`` (its ``name_or_path``).
+    With ``max_windows``, only that many evenly spaced windows are evaluated (a budget cut,
+    see :func:`spread_windows`, recorded as ``max_windows``). Returns ``ppl``, ``seq_len``,
+    ``windows``, ``tokens`` (tokens inside the evaluated windows), ``predicted_tokens``
+    (``windows * (seq_len - 1)``), ``stream_tokens`` (the whole stream), ``max_windows``,
+    ``dtype``, ``bos_handling`` and ``model`` (its ``name_or_path``).
     """
     ids = ids.reshape(-1)
-    if max_windows is not None:
-        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
-            raise ValueError(f"max_windows {max_windows!r} must be a positive integer or None")
-        ids_used = ids[: max_windows * seq_len]
-    else:
-        ids_used = ids
+    ids_used = spread_windows(ids, seq_len, max_windows)
     ppl = perplexity(model, ids_used, seq_len, batch_size)
     windows = ids_used.numel() // seq_len
     param = next(model.parameters())

@@ -8,6 +8,13 @@ and ``pifa_config.json``::
                  {"kind": "pivot", "in_features": 64, "out_features": 64, "rank": 16, "bias": false}},
      "compression": {...}}   # optional: how the model was compressed
 
+When the model has compressed layers, ``config.json`` also carries the same module table as a
+``quantization_config`` block (``{"quant_method": "pifa", "format_version": 1,
+"library_version": ..., "modules": {...}}``), so that, once ``pifa`` is imported,
+``transformers.AutoModel*.from_pretrained`` rebuilds the compressed model through the
+quantizer plugin in :mod:`pifa.hf_integration`. ``pifa_config.json`` stays the source
+``load_compressed`` reads.
+
 Loading rebuilds the skeleton on the meta device from ``config.json``, swaps in empty
 compressed layers, materialises it and loads the tensors. Nothing is ever unpickled.
 """
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .faults import crash_point
 from .layers import LowRankLinear, PivotLinear
 from .loading import model_class
 from .modules import is_linear, linear_shape
@@ -44,6 +52,7 @@ WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
 REQUIRED_FILES = (HF_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)
 LAYER_KINDS: dict[str, type[nn.Module]] = {"lowrank": LowRankLinear, "pivot": PivotLinear}
+QUANT_METHOD = "pifa"  # the ``quant_method`` of the ``quantization_config`` block in config.json
 
 
 def module_spec(layer: nn.Module) -> dict[str, Any]:
@@ -91,11 +100,14 @@ def save_compressed(
     if not hasattr(model, "config"):
         raise ValueError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         _write_directory(model, tmp, tokenizer, compression)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        crash_point("save")
         _replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,9 +115,50 @@ def save_compressed(
     return path
 
 
+def quantization_config_dict(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json`` for a model with these compressed modules."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "modules": copy.deepcopy(modules),
+    }
+
+
+def _quant_method(quantization_config: Any) -> Any:
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method")
+    else:
+        method = getattr(quantization_config, "quant_method", None)
+    return getattr(method, "value", method)
+
+
+def is_pifa_quantization_config(quantization_config: Any) -> bool:
+    """Whether a config's ``quantization_config`` (a dict or a config object) is pifa's."""
+    return quantization_config is not None and _quant_method(quantization_config) == QUANT_METHOD
+
+
+def _set_quantization_config(config: Any, modules: dict[str, dict[str, Any]]) -> None:
+    """Point ``config.quantization_config`` at ``modules`` (drop a stale pifa block when there are none)."""
+    current = getattr(config, "quantization_config", None)
+    if current is not None and not is_pifa_quantization_config(current):
+        if modules:
+            raise ValueError(
+                f"the model's config already has a {_quant_method(current)!r} quantization_config; "
+                "it cannot also be saved with pifa's compressed layers"
+            )
+        return  # not ours, no compressed layers: leave it as it is
+    if modules:
+        config.quantization_config = quantization_config_dict(modules)
+    elif hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
 def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compression: dict[str, Any] | None) -> None:
+    modules = compressed_modules(model)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # what from_pretrained and load_compressed build
+    _set_quantization_config(config, modules)
     config.save_pretrained(directory)
     safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -114,7 +167,7 @@ def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compress
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "dtype": str(_model_dtype(model)).removeprefix("torch."),
-        "modules": compressed_modules(model),
+        "modules": modules,
     }
     if compression is not None:
         spec["compression"] = compression
@@ -156,12 +209,12 @@ def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
     return spec
 
 
-def _check_entry(name: str, entry: Any) -> None:
+def _check_entry(name: str, entry: Any, source: str = CONFIG_NAME) -> None:
     keys = ("kind", "in_features", "out_features", "rank", "bias")
     if not isinstance(entry, dict) or any(k not in entry for k in keys):
-        raise ValueError(f"{CONFIG_NAME}: module {name!r} needs the fields {keys}")
+        raise ValueError(f"{source}: module {name!r} needs the fields {keys}")
     if entry["kind"] not in LAYER_KINDS:
-        raise ValueError(f"{CONFIG_NAME}: module {name!r} has unknown kind {entry['kind']!r}")
+        raise ValueError(f"{source}: module {name!r} has unknown kind {entry['kind']!r}")
 
 
 def expected_shapes(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -195,28 +248,83 @@ def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
 
 
 def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device with empty compressed layers swapped in."""
-    with torch.device("meta"):
-        model = model_class(config.architectures)(config)
-        model.to(dtype)
-        for name, entry in spec["modules"].items():
-            try:
-                original = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{CONFIG_NAME} names module {name!r}, which the model does not have") from None
-            layer = LAYER_KINDS[entry["kind"]](
-                entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"], dtype=dtype
-            )
-            _check_replaceable(name, original, layer)
-            model.set_submodule(name, layer)
+    """The model on the meta device with empty compressed layers swapped in.
+
+    Built with ``dtype`` as torch's default dtype, as ``from_pretrained`` does: buffers the model
+    creates in an explicit dtype (e.g. rotary ``inv_freq`` in float32) keep it, so the logits match
+    ``from_pretrained(..., dtype=dtype)`` exactly.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(config.architectures)(config)
+            replace_with_compressed_layers(model, spec["modules"])  # in the dtype of the linears they replace
+    finally:
+        torch.set_default_dtype(previous)
+    config.dtype = dtype
     return model
 
 
-def _check_replaceable(name: str, original: nn.Module, layer: nn.Module) -> None:
+def resolve_module_name(model: nn.Module, name: str) -> str | None:
+    """``name`` as a submodule of ``model``, allowing for the base-model prefix (e.g. ``model.``).
+
+    A table written for ``LlamaForCausalLM`` names ``model.layers.0...``; loaded into the base
+    ``LlamaModel`` that is ``layers.0...`` (and the other way round), as transformers does for weights.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix:
+        if name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])
+        elif hasattr(model, prefix):
+            candidates.append(f"{prefix}.{name}")
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return candidate
+    return None
+
+
+def replace_with_compressed_layers(
+    model: nn.Module,
+    modules: dict[str, dict[str, Any]],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    source: str = CONFIG_NAME,
+) -> list[str]:
+    """Swap the linears named in ``modules`` (a ``pifa_config.json`` table) for empty compressed layers.
+
+    Each new layer is created on ``device`` in ``dtype`` (by default those of the linear it replaces),
+    uninitialised: the caller loads the tensors. Returns the names of the replaced modules in ``model``.
+    """
+    replaced = []
+    for name, entry in modules.items():
+        _check_entry(name, entry, source)
+        target = resolve_module_name(model, name)
+        if target is None:
+            raise ValueError(f"{source} names module {name!r}, which the model does not have")
+        original = model.get_submodule(target)
+        weight = getattr(original, "weight", None)
+        layer_dtype = dtype or (weight.dtype if isinstance(weight, torch.Tensor) else None)
+        layer_device = device or (weight.device if isinstance(weight, torch.Tensor) else None)
+        layer = LAYER_KINDS[entry["kind"]](
+            entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"],
+            dtype=layer_dtype, device=layer_device,
+        )
+        _check_replaceable(name, original, layer, source)
+        model.set_submodule(target, layer)
+        replaced.append(target)
+    return replaced
+
+
+def _check_replaceable(name: str, original: nn.Module, layer: nn.Module, source: str = CONFIG_NAME) -> None:
     shape = linear_shape(original) if is_linear(original) else None
     if shape != (layer.out_features, layer.in_features):
         raise ValueError(
-            f"{CONFIG_NAME} gives module {name!r} shape {(layer.out_features, layer.in_features)}, "
+            f"{source} gives module {name!r} shape {(layer.out_features, layer.in_features)}, "
             f"the model has {shape}"
         )
 
@@ -241,6 +349,18 @@ def _resolve_dtype(dtype: torch.dtype | str | None, spec: dict[str, Any]) -> tor
     return resolved
 
 
+def _check_quantization_config(config: Any, spec: dict[str, Any]) -> None:
+    """config.json's pifa ``quantization_config`` (when present) must describe the same modules."""
+    block = getattr(config, "quantization_config", None)
+    if not is_pifa_quantization_config(block):
+        return  # written before config.json carried it, or another method's (the skeleton ignores it)
+    modules = block.get("modules") if isinstance(block, dict) else getattr(block, "modules", None)
+    if modules != spec["modules"]:
+        raise ValueError(
+            f"the quantization_config in {HF_CONFIG_NAME} and {CONFIG_NAME} describe different compressed modules"
+        )
+
+
 def load_compressed(
     path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
 ) -> nn.Module:
@@ -253,6 +373,7 @@ def load_compressed(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
+    _check_quantization_config(config, spec)
     model = _build_skeleton(config, spec, _resolve_dtype(dtype, spec))
     _materialize(model, torch.device(device or "cpu"))
     missing, unexpected = safetensors.torch.load_model(model, str(Path(path) / WEIGHTS_NAME), strict=False)
