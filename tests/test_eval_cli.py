@@ -142,3 +142,20 @@ def test_bench_layer_and_model_small(tmp_path, capsys):
 def test_bench_shapes_must_be_positive(args, capsys):
     assert main(["bench", *args, "--device", "cpu"]) == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_report_writes_markdown_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    quality = {"rows": [{"model": "tiny", "method": m, "density": d, "heldout": {"ppl": p}}
+                        for m, d, p in [("dense", 1.0, 10.0), ("svd", 0.5, 20.0), ("svd", 0.7, 14.0),
+                                        ("mpifa", 0.5, 15.0), ("mpifa", 0.7, 12.0)]]}
+    (tmp_path / "q.json").write_text(json.dumps(quality))
+    assert main(["bench", "layer", "--out-features", "32", "--in-features", "32", "--rank", "8", "--tokens", "4",
+                 "--dtypes", "float32", "--rounds", "1", "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    assert main(["report", str(tmp_path / "q.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "rep")]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| method |" in report or "| model | method |" in report
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == ["b.png", "q_tiny.png"]
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "rep2")]) == 2
+    assert "not a pifa results file" in capsys.readouterr().err and not (tmp_path / "rep2").exists()

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=commands.cmd_compress)
     _add_bench(sub)
     _add_eval(sub)
+    report = sub.add_parser("report", help="Markdown tables and PNG plots from JSON results")
+    report.add_argument("results", nargs="+", help="JSON files from compress, eval, bench or the benchmarks")
+    report.add_argument("--out", required=True, help="directory for report.md and the plots")
+    report.set_defaults(func=commands.cmd_report)
     return parser
 
 

@@ -224,3 +224,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table([result["fidelity"]]))
     _write_json(args.json, result)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reporting import write_report
+
+    path = write_report(args.results, args.out)
+    print(path.read_text())
+    print(f"wrote {path} and {len(list(path.parent.glob('*.png')))} plots")
+    return 0

@@ -1,0 +1,147 @@
+"""``pifa report``: Markdown tables and PNG plots from the JSON results of compress, eval and bench.
+
+Understood inputs: quality sweeps (``{"rows": [{"model", "method", "density", ...}]}``),
+``pifa bench layer`` / ``pifa bench model`` / ``pifa eval`` JSON (``"kind"``), the demo, and
+``compression_report.json``. Anything else is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+QUALITY_METRICS = (("heldout", "ppl"), ("wikitext", "ppl"), ("cosine", None), ("top1_agreement", None))
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """Scalars of ``row``, with one level of nested ``ppl`` values lifted (``heldout.ppl`` -> ``heldout_ppl``)."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            if "ppl" in value:
+                flat[f"{key}_ppl"] = value["ppl"]
+        elif not isinstance(value, list):
+            flat[key] = value
+    return flat
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _kind(data: Any, path: Path) -> str:
+    if isinstance(data, dict) and data.get("kind") in ("bench-layer", "bench-model", "eval", "demo"):
+        return data["kind"]
+    if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"] and "method" in data["rows"][0]:
+        return "quality"
+    if isinstance(data, dict) and "modules" in data and "config" in data:
+        return "compression"
+    raise ValueError(f"{str(path)!r} is not a pifa results file (quality sweep, bench, eval, demo or compression report)")
+
+
+def _rows(kind: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+    if kind == "eval":
+        return [_flat(r) for r in data.get("perplexity", [])] + [
+            {"task": t, **m} for t, m in data.get("zero_shot", {}).items()] + (
+            [_flat(data["fidelity"])] if "fidelity" in data else [])
+    if kind == "compression":
+        return [{"method": data["config"].get("method"), "target": data["config"].get("density"),
+                 "density": data["density"], "modules": len(data["modules"]), "seconds": data.get("seconds")}]
+    return [_flat(r) for r in data["rows"]]
+
+
+def _plot_quality(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any) -> list[Path]:
+    files = []
+    for model in dict.fromkeys(r.get("model", "model") for r in rows):
+        mine = [r for r in rows if r.get("model", "model") == model]
+        metric = next((f"{k}_ppl" if sub else k for k, sub in QUALITY_METRICS
+                       if (f"{k}_ppl" if sub else k) in mine[0]), None)
+        if metric is None:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = sorted((r["density"], r[metric]) for r in mine if r["method"] == method)
+            if method == "dense":
+                ax.axhline(points[0][1], color="gray", linestyle="--", label="dense")
+            else:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set(xlabel="density (kept fraction of the targeted weights)", ylabel=metric, title=str(model))
+        if metric.endswith("ppl"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        files.append(_save(fig, out / f"{stem}_{_slug(model)}.png", plt))
+    return files
+
+
+def _plot_ratios(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any, label_keys: tuple[str, ...]) -> list[Path]:
+    ratios = [k for k in rows[0] if k.endswith(("/pifa", "_x", "speedup"))]
+    if not ratios:
+        return []
+    labels = [" ".join(str(r[k]) for k in label_keys if k in r) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.8), 4))
+    width = 0.8 / len(ratios)
+    for i, key in enumerate(ratios):
+        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=key)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks([x + width * (len(ratios) - 1) / 2 for x in range(len(rows))], labels, rotation=30, ha="right")
+    ax.set(ylabel="speed ratio (higher is faster)")
+    ax.legend()
+    return [_save(fig, out / f"{stem}.png", plt)]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in str(text)).strip("-").lower()
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plots(kind: str, rows: list[dict[str, Any]], out: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    if kind == "quality":
+        return _plot_quality(rows, out, stem, plt)
+    if kind in ("bench-layer", "bench-model", "demo") and rows:
+        return _plot_ratios(rows, out, stem, plt, ("dtype", "tokens", "model", "method"))
+    return []
+
+
+def write_report(results: list[str], out: str) -> Path:
+    """Write ``out/report.md`` (a section and a table per results file) and its PNG plots."""
+    out_dir = Path(out)
+    sections = ["# pifa report\n"]
+    loaded = []
+    for name in results:
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"results file {name!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name!r} is not valid JSON: {exc}") from None
+        loaded.append((path, _kind(data, path), data))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, kind, data in loaded:
+        rows = _rows(kind, data)
+        sections.append(f"## {path.name} ({kind})\n\n{_markdown(rows)}")
+        for png in _plots(kind, rows, out_dir, _slug(path.stem)):
+            sections.append(f"![{png.stem}]({png.name})\n")
+    (out_dir / "report.md").write_text("\n".join(sections))
+    return out_dir / "report.md"
