@@ -47,6 +47,8 @@ from pifa.loading import load_dense
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("svd", "svd-llm", "m", "mpifa")
+# Sparse baselines as METHOD@PATTERN, e.g. sparsegpt@2:4 (an N:M pattern fixes its own density).
+SPARSE = tuple(f"{m}@{p}" for m in ("magnitude", "wanda", "sparsegpt", "ria") for p in ("2:4", "4:8", "unstructured"))
 DENSITIES = (0.4, 0.5, 0.6, 0.7, 0.8)
 BETTER_FIRST = ("mpifa", "m", "svd-llm", "svd")  # the expected quality order, best first
 
@@ -59,8 +61,9 @@ def _compressed(model_dir: str, method: str, density: float, calib: torch.Tensor
                 batch_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A fresh dense model compressed in place; the report without its per-module list."""
     model, _ = load_dense(model_dir, "float32", "cpu")
-    report = pifa.compress(model, pifa.CompressionConfig(density=density, method=method), calib,
-                           device="cpu", batch_size=batch_size, progress=False)
+    name, _, pattern = method.partition("@")
+    config = pifa.CompressionConfig(density=density, method=name, pattern=pattern or "unstructured")
+    report = pifa.compress(model, config, calib, device="cpu", batch_size=batch_size, progress=False)
     info = report.to_dict()
     info["calib_error_mean"] = sum(m["calib_error"] for m in info["modules"]) / max(len(info["modules"]), 1)
     del info["modules"]
@@ -68,7 +71,18 @@ def _compressed(model_dir: str, method: str, density: float, calib: torch.Tensor
 
 
 def _runs(args: argparse.Namespace) -> list[tuple[str, float]]:
-    return [(method, density) for density in args.densities for method in args.methods]
+    """(method, density) pairs; an N:M method runs once, at its density N / M."""
+    runs = []
+    for density in args.densities:
+        for method in args.methods:
+            pattern = method.partition("@")[2]
+            if ":" in pattern:
+                n, m = map(int, pattern.split(":"))
+                if abs(n / m - density) < 1e-9:
+                    runs.append((method, density))
+            else:
+                runs.append((method, density))
+    return runs
 
 
 def _pycode(args: argparse.Namespace, bar: tqdm) -> list[dict[str, Any]]:
@@ -143,7 +157,7 @@ def order_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
     for model in dict.fromkeys(r["model"] for r in rows):
         for density in dict.fromkeys(r["density"] for r in rows if r["model"] == model and r["method"] != "dense"):
-            runs = [r for r in rows if r["model"] == model and r["density"] == density and r["method"] != "dense"]
+            runs = [r for r in rows if r["model"] == model and r["density"] == density and r["method"] in METHODS]
             observed = [r["method"] for r in sorted(runs, key=_score)]
             expected = [m for m in BETTER_FIRST if m in observed]
             checks.append({"model": model, "density": density, "observed": observed, "holds": observed == expected})
@@ -194,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         minilm = None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=("pycode", "minilm"), default=["pycode", "minilm"])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS + SPARSE, default=list(METHODS),
+                   help="low-rank methods, and sparse baselines as METHOD@PATTERN (e.g. sparsegpt@2:4)")
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     p.add_argument("--pycode-model", type=Path, default=shared / "models" / "pycode-llama")
     p.add_argument("--minilm-model", type=Path, default=minilm)

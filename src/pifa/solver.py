@@ -29,19 +29,25 @@ def whitening(g: torch.Tensor, damping: float) -> torch.Tensor:
     dead = int((torch.diagonal(g) <= 0).sum())
     if dead:
         logger.warning("%d of %d input channels are always zero (dead): X X^T is singular, damping it", dead, g.shape[0])
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     delta = max(damping, 1e-12) * _mean_diag(g)
-    chol, info = torch.linalg.cholesky_ex(g + delta * eye)
+    chol, info = torch.linalg.cholesky_ex(_shifted(g, delta))
     if int(info) == 0:
         return chol
     smallest = float(torch.linalg.eigvalsh(g).min())
     shift = -smallest + delta * 10
     logger.warning("Cholesky failed (smallest eigenvalue %.3g); shifting the statistics by %.3g", smallest, shift)
-    chol, info = torch.linalg.cholesky_ex(g + shift * eye)
+    chol, info = torch.linalg.cholesky_ex(_shifted(g, shift))
     if int(info) != 0:
         logger.warning("Cholesky failed again; falling back to plain SVD (no whitening) for this layer")
-        return eye
+        return torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     return chol
+
+
+def _shifted(g: torch.Tensor, shift: float) -> torch.Tensor:
+    """G + shift I as one new (n, n) matrix (no identity matrix is materialised)."""
+    out = g.clone()
+    out.diagonal().add_(shift)
+    return out
 
 
 def truncate(weight: torch.Tensor, chol: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,12 +120,12 @@ def m_reconstruct(
     weight, g, h = weight.to(torch.float64), g.to(torch.float64), h.to(torch.float64)
     up, down = up.to(torch.float64), down.to(torch.float64)
     mu = ridge * _mean_diag(g)
-    eye_n = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    target = weight @ ((1 - mix) * g + mix * h) + mu * weight  # Y X~^T + mu W, (m, n)
+    target = (1 - mix) * (weight @ g) + mix * (weight @ h) + mu * weight  # Y X~^T + mu W, (m, n)
+    g_mu = _shifted(g, mu)  # G + mu I, the only extra (n, n) matrix
     for _ in range(steps):
         # U-step: U (V (G + mu I) V^T) = (Y X~^T + mu W) V^T
-        up = _solve_right(target @ down.T, down @ (g + mu * eye_n) @ down.T)
+        up = _solve_right(target @ down.T, down @ g_mu @ down.T)
         # V-step: (U^T U) V (G + mu I) = U^T (Y X~^T + mu W)
         rhs = torch.linalg.lstsq(up, target).solution
-        down = _solve_right(rhs, g + mu * eye_n)
+        down = _solve_right(rhs, g_mu)
     return up, down
