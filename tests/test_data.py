@@ -146,3 +146,9 @@ def test_stdlib_python_files() -> None:
     assert not any(heldout(p) for p in train)
     assert set(everything) - set(train) == {p for p in everything if heldout(p)}
     assert 0.02 < 1 - len(train) / len(everything) < 0.09  # about 1 in 20 held out
+
+
+def test_python_stdlib_source_is_the_training_split() -> None:
+    texts = load_texts("python-stdlib")
+    assert len(texts) > 100
+    assert len(texts) <= len(stdlib_python_files(exclude_heldout=True))

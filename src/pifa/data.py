@@ -20,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FOLDER_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
+STDLIB_SOURCE = "python-stdlib"
 HF_DATASETS = {
     "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="train"),
     "c4": dict(path="allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz", split="train"),
@@ -81,7 +82,9 @@ def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]
     * any other file (e.g. ``.txt``): the whole file is one document, paragraphs included;
     * a folder: recursively every ``*.txt``, ``*.py``, ``*.md``, ``*.jsonl`` file in sorted
       path order, each one document (``.jsonl``: one per line);
-    * ``"wikitext2"`` or ``"c4"`` (not an existing path): loaded with the ``datasets`` package.
+    * ``"wikitext2"`` or ``"c4"`` (not an existing path): loaded with the ``datasets`` package;
+    * ``"python-stdlib"``: the running Python's standard-library sources, without the files
+      held out from pycode-llama's training (see ``stdlib_python_files``).
 
     With ``evaluation``, dataset names load their evaluation split (wikitext2: test, c4:
     validation) instead of the training split. Whitespace-only documents are dropped. Raises ``ValueError`` for an unknown source, a bad
@@ -94,12 +97,14 @@ def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]
         files = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
         texts = [text for file in files for text in _file_texts(file)]
         logger.info("read %d calibration files under %s", len(files), path)
+    elif str(source) == STDLIB_SOURCE:
+        texts = [_read(file) for file in stdlib_python_files(exclude_heldout=True)]
     elif str(source) in HF_DATASETS:
         texts = _dataset_texts(str(source), evaluation)
     else:
         raise ValueError(
             f"calibration source {str(source)!r} is not a file, a folder or a known dataset name "
-            f"({', '.join(HF_DATASETS)})"
+            f"({', '.join([*HF_DATASETS, STDLIB_SOURCE])})"
         )
     texts = [text for text in texts if text.strip()]
     if not texts:
