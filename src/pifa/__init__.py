@@ -7,7 +7,14 @@ Public API::
     pifa.save_compressed(model, path), pifa.load_compressed(path)
 """
 
-from ._version import __version__
+import os as _os
+
+# Determinism: MKL may otherwise change its thread count with the machine's load, and with it
+# the rounding of every GEMM, so that a resumed run would not reproduce an uninterrupted one
+# bit for bit. Only a default: a value the user set wins. Must precede the first MKL call.
+_os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+from ._version import __version__  # noqa: E402
 from .layers import LowRankLinear, PivotLinear
 from .pivot import select_pivots
 from .ranks import rank_for_density

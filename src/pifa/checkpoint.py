@@ -35,6 +35,19 @@ def fingerprint(batches: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """The model's config and every tensor's name, shape and dtype, plus the first block's weights."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update((config.to_json_string() if config is not None else type(model).__name__).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    first = next((p for p in model.parameters() if p.dim() == 2), None)
+    if first is not None:
+        digest.update(first.detach().float().cpu().contiguous().numpy().tobytes()[: 1 << 20])
+    return digest.hexdigest()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -46,16 +59,16 @@ class Checkpoint:
         self.directory, self.state = directory, state
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, config: CompressionConfig, batches: list[torch.Tensor]) -> "Checkpoint":
+    def open(cls, directory: str | os.PathLike, config: CompressionConfig, batches: list[torch.Tensor],
+             model: nn.Module) -> "Checkpoint":
         """Open (or start) the checkpoint in ``directory``; refuse one written for other inputs."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        expected = {"config": config.to_dict(), "calibration": fingerprint(batches)}
+        directory = Path(directory)  # created by the first save_block: bad input leaves nothing behind
+        expected = {"config": config.to_dict(), "calibration": fingerprint(batches), "model": model_fingerprint(model)}
         progress = directory / PROGRESS
         if progress.exists():
             state = json.loads(progress.read_text())
             if {k: state.get(k) for k in expected} != expected:
-                raise ValueError(f"checkpoint {str(directory)!r} was written for another config or calibration data")
+                raise ValueError(f"checkpoint {str(directory)!r} was written for another model, config or calibration data")
             return cls(directory, state)
         return cls(directory, {**expected, "blocks": {}})
 
@@ -63,6 +76,7 @@ class Checkpoint:
         return str(index) in self.state["blocks"] and (self.directory / f"block_{index:04d}.safetensors").exists()
 
     def save_block(self, index: int, block: nn.Module, prefix: str, reports: list[ModuleReport]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f"block_{index:04d}.safetensors.tmp"
         safetensors.torch.save_model(block, str(tmp))
         os.replace(tmp, self.directory / f"block_{index:04d}.safetensors")

@@ -16,16 +16,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
     from .config import ALLOCATIONS, METHODS, CompressionConfig
 
-    choices = {"method": METHODS, "allocation": ALLOCATIONS, "pivot_method": ("lu", "qr")}
+    # No argparse choices: CompressionConfig validates, so every bad value gets the same one-line error.
+    listed = {"method": METHODS, "allocation": ALLOCATIONS, "pivot_method": ("lu", "qr")}
     for field in dataclasses.fields(CompressionConfig):
         if field.name == "version":
             continue
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata.get("help")
+        if field.name in listed:
+            help_text = f"{help_text} (one of: {', '.join(listed[field.name])})"
         if isinstance(field.default, tuple):
             parser.add_argument(flag, nargs="*", default=list(field.default), metavar="PATTERN", help=help_text)
         else:
             kind = float if field.default is None else type(field.default)
-            parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name), help=help_text)
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
 
 
 def _add_bench(sub: Any) -> None:
@@ -79,8 +82,15 @@ def _add_eval(sub: Any) -> None:
     ev.set_defaults(func=commands.cmd_eval)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2), like every other pifa error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pifa", description="Post-training low-rank compression of transformer models (MPIFA)."
     )
     parser.add_argument("--version", action="version", version=f"pifa {__version__}")
@@ -135,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:
-        print(f"pifa {args.command}: error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"pifa {args.command}: error: {lines[0]}", file=sys.stderr)
         return 2
 
 

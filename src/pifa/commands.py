@@ -70,7 +70,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     checkpoint = out.with_name(out.name + ".pifa-checkpoint")
     if checkpoint.exists() and not args.resume:
         shutil.rmtree(checkpoint)
-    report = compress(model, config, calib, device=device, batch_size=args.batch_size, checkpoint_dir=str(checkpoint))
+    try:
+        report = compress(model, config, calib, device=device, batch_size=args.batch_size,
+                          checkpoint_dir=str(checkpoint))
+    except ValueError:  # bad input (e.g. non-finite weights): resuming cannot help
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        raise
     report.config["source"] = str(args.model)
     report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len,
                                     "seed": args.seed}

@@ -85,7 +85,7 @@ def compress(
     targets = [target_linears(b, f"{blocks_name}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)]
     if not any(targets):
         raise ValueError(f"no linear in {blocks_name} matches targets {config.targets} minus ignore {config.ignore}")
-    checkpoint = Checkpoint.open(checkpoint_dir, config, batches) if checkpoint_dir else None
+    checkpoint = Checkpoint.open(checkpoint_dir, config, batches, model) if checkpoint_dir else None
     report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
     with inference_state(model):
         with report.stage("capture"):
@@ -199,10 +199,17 @@ def _compress_block(block: nn.Module, dense_block: nn.Module | None, index: int,
     return reports
 
 
+def _finite_weight(module: nn.Module, full: str) -> torch.Tensor:
+    weight = linear_weight(module)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"non-finite weights (NaN or Inf) in {full}")
+    return weight
+
+
 def _solve_linear(block: nn.Module, full: str, local: str, rank: int, g: torch.Tensor, h: torch.Tensor | None,
                   chol: torch.Tensor | None, config: CompressionConfig, report: CompressionReport) -> ModuleReport:
     module = block.get_submodule(local)
-    weight = linear_weight(module)
+    weight = _finite_weight(module, full)
     with report.stage("truncate"):
         up, down = solver.truncate(weight, chol, rank)
     if config.method in ("m", "mpifa") and h is not None:
@@ -225,7 +232,7 @@ def _prune_linear(block: nn.Module, full: str, local: str, density: float, g: to
                   config: CompressionConfig, report: CompressionReport) -> ModuleReport:
     """Sparse baselines: zeros written into the layer's own weight (nn.Linear or Conv1D)."""
     module = block.get_submodule(local)
-    weight = linear_weight(module)
+    weight = _finite_weight(module, full)
     with report.stage("prune"):
         pruned = sparse.prune(config.method, weight, g.to(weight.device), density, config.nm)
     with torch.no_grad():

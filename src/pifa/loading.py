@@ -71,6 +71,11 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
         cls = model_class(architectures or config.architectures)
         dense = cls.from_pretrained(model, dtype=resolve_dtype(dtype), use_safetensors=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-    except OSError as exc:
-        raise ValueError(f"could not load model {model!r}: {str(exc).splitlines()[0]}") from None
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:  # transformers, hub and safetensors errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"could not load model {model!r}: {first}") from None
+    except Exception as exc:  # safetensors' SafetensorError derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"could not load model {model!r}: model.safetensors is corrupt ({exc})") from None
     return dense.to(resolve_device(device)).eval(), tokenizer
