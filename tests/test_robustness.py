@@ -76,4 +76,7 @@ def test_planted_pickle_is_never_executed(tmp_path, name):
     marker = tmp_path / "pwned"
     (out / name).write_bytes(pickle.dumps(_Exploit(str(marker))))
     load_compressed(out)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
     assert not marker.exists()
