@@ -92,12 +92,17 @@ class SingularSystem(ValueError):
     """A normal-equation system of M was singular (e.g. a dead layer); the caller keeps its start."""
 
 
-def _solve_right(lhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
-    """lhs @ system^-1 for a symmetric positive definite system, via solve (no inverse)."""
-    solution, info = torch.linalg.solve_ex(system, lhs.T)
+def _solve_left(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """system^-1 @ rhs via solve (no inverse); a singular system raises ``SingularSystem``."""
+    solution, info = torch.linalg.solve_ex(system, rhs)
     if int(info) != 0 or not bool(torch.isfinite(solution).all()):
         raise SingularSystem("singular system in the M reconstruction")
-    return solution.T
+    return solution
+
+
+def _solve_right(lhs: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
+    """lhs @ system^-1 for a symmetric positive definite system, via solve (no inverse)."""
+    return _solve_left(system, lhs.T).T
 
 
 def m_reconstruct(
@@ -126,6 +131,6 @@ def m_reconstruct(
         # U-step: U (V (G + mu I) V^T) = (Y X~^T + mu W) V^T
         up = _solve_right(target @ down.T, down @ g_mu @ down.T)
         # V-step: (U^T U) V (G + mu I) = U^T (Y X~^T + mu W)
-        rhs = torch.linalg.lstsq(up, target).solution
+        rhs = _solve_left(up.T @ up, up.T @ target)  # (U^T U)^-1 U^T (...); lstsq is not deterministic on CPU
         down = _solve_right(rhs, g_mu)
     return up, down
