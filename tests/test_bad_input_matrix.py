@@ -32,7 +32,6 @@ def _damage(root, dense, case):
         (dense / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model",
                                                        "architectures": ["NoSuchModel"]}))
     if case == "non-finite-weights":
-        import torch
         from safetensors.torch import load_file, save_file
         tensors = load_file(dense / "model.safetensors")
         tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")

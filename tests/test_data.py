@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import sysconfig
 from pathlib import Path
 

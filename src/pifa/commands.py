@@ -7,7 +7,6 @@ exit code 2. Heavy imports happen inside the commands so that ``pifa --help`` st
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
 from .ranks import layer_parameters
