@@ -18,6 +18,13 @@ def char_tokenizer(model_max_length: int = 16) -> transformers.PreTrainedTokeniz
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", eos_token="[EOS]", model_max_length=model_max_length)
 
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state: a CI run cannot differ from a local one."""
+    torch.manual_seed(0)
+
+
 COMMON = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

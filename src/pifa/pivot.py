@@ -71,21 +71,29 @@ def _deficiency_tolerance(diag: torch.Tensor, shape: tuple[int, int], dtype: tor
     return float(diag.abs().max()) * max(shape) * eps
 
 
-def _raise_if_deficient(diag: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> None:
-    tol = _deficiency_tolerance(diag, shape, dtype)
-    independent = int((diag.abs() > tol).sum())
-    if independent < diag.numel():
-        raise ValueError(
-            f"rank-deficient factors: 'up' {tuple(shape)} has only {independent} independent rows "
-            f"for rank {diag.numel()}; use a smaller rank"
-        )
+def _raise_if_deficient(diag: torch.Tensor, up64: torch.Tensor, dtype: torch.dtype) -> None:
+    """Detect deficiency on the LU/QR diagonal; count independent rows with singular values.
+
+    The triangular diagonal is a cheap detector but not rank-revealing (LU can report 3
+    "independent" rows of a rank-2 matrix), so the count in the message comes from an SVD,
+    computed only on this error path.
+    """
+    shape = tuple(up64.shape)
+    if int((diag.abs() > _deficiency_tolerance(diag, shape, dtype)).sum()) == diag.numel():
+        return
+    singular = torch.linalg.svdvals(up64)
+    independent = int((singular > _deficiency_tolerance(singular, shape, dtype)).sum())
+    raise ValueError(
+        f"rank-deficient factors: 'up' {shape} has only {independent} independent rows "
+        f"for rank {diag.numel()}; use a smaller rank"
+    )
 
 
 def _lu_pivots(up64: torch.Tensor, dtype: torch.dtype) -> Pivoting:
     """LU with partial pivoting of ``up`` (m x r): ``up[perm] = L U``; C = L21 L11^-1."""
     m, r = up64.shape
-    lu, pivots = torch.linalg.lu_factor(up64)
-    _raise_if_deficient(torch.diagonal(lu), (m, r), dtype)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(up64)  # exact zero pivots: reported below
+    _raise_if_deficient(torch.diagonal(lu), up64, dtype)
     perm = _swaps_to_permutation(pivots.cpu().numpy() - 1, m)
     unit_lower = torch.tril(lu, diagonal=-1) + torch.eye(m, r, dtype=lu.dtype, device=lu.device)
     l11, l21 = unit_lower[:r], unit_lower[r:]
@@ -108,7 +116,7 @@ def _qr_pivots(up64: torch.Tensor, dtype: torch.dtype) -> Pivoting:
     m, r = up64.shape
     rmat, perm = scipy.linalg.qr(up64.T.cpu().numpy(), mode="r", pivoting=True, check_finite=False)
     rmat = torch.from_numpy(rmat[:r]).to(up64.device)
-    _raise_if_deficient(torch.diagonal(rmat), (m, r), dtype)
+    _raise_if_deficient(torch.diagonal(rmat), up64, dtype)
     coeff = torch.linalg.solve_triangular(rmat[:, :r], rmat[:, r:], upper=True).T
     perm_t = torch.from_numpy(perm.astype(np.int64)).to(up64.device)
     return _ordered(perm_t[:r], perm_t[r:], coeff)
