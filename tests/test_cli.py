@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-from pifa import PivotLinear, __version__, save_compressed
+import torch
+
+from pifa import CompressionConfig, PivotLinear, __version__, compress, save_compressed
 from pifa.cli import main
 from pifa.serialization import CONFIG_NAME
 
@@ -32,6 +34,20 @@ def test_info_prints_modules_and_density(tmp_path, capsys):
     assert "model.layers.0.self_attn.q_proj" in out and "pivot" in out and "32x32" in out
     # rank 8 PIFA of 32x32: 8 * (64 - 8) = 448 of 1024
     assert "448 of 1,024 weights kept, density 0.4375" in out
+
+
+def test_info_reports_pruned_linears_from_the_file(tmp_path, capsys):
+    model = tiny_model("gpt2")  # Conv1D weights are stored (in, out): shapes come from the table
+    config = CompressionConfig(method="wanda", pattern="2:4", targets=("*mlp*",))
+    compress(model, config, torch.randint(0, 128, (4, 16)))
+    save_compressed(model, tmp_path / "s", compression=config.to_dict())
+    spec = json.loads((tmp_path / "s" / CONFIG_NAME).read_text())
+    assert spec["pruned"]["transformer.h.0.mlp.c_fc"] == {"out_features": 128, "in_features": 32, "pattern": "2:4"}
+    assert main(["info", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "compressed with wanda" in out and "sparse 2:4" in out and "128x32" in out
+    # 2 layers x (c_fc 128x32 + c_proj 32x128), half of each kept, counted from the tensors
+    assert "4 compressed modules: 8,192 of 16,384 weights kept, density 0.5000" in out
 
 
 @pytest.mark.parametrize("damage", ["nothing", "version", "no-config"])

@@ -26,11 +26,33 @@ def _module_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _pruned_rows(path: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Sparse-pruned linears: the kept weights are counted in the file, not trusted from JSON."""
+    import safetensors
+
+    from .serialization import WEIGHTS_NAME
+
+    rows = []
+    with safetensors.safe_open(f"{path}/{WEIGHTS_NAME}", framework="pt") as handle:
+        for name, entry in spec.get("pruned", {}).items():
+            key = f"{name}.weight"
+            if key not in handle.keys():
+                raise ValueError(f"{WEIGHTS_NAME} lacks tensor {key!r} that the 'pruned' table describes")
+            kept = int(handle.get_tensor(key).count_nonzero())
+            m, n = entry["out_features"], entry["in_features"]
+            rows.append({"module": name, "kind": f"sparse {entry['pattern']}", "shape": f"{m}x{n}", "rank": "-",
+                         "before": m * n, "after": kept})
+    return rows
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     spec = read_pifa_config(args.path)
     check_tensor_shapes(args.path, spec)
-    rows = _module_rows(spec)
+    rows = _module_rows(spec) + _pruned_rows(args.path, spec)
     print(f"pifa model {args.path} (format {spec['format_version']}, written by pifa {spec.get('library_version')})")
+    method = spec.get("compression", {}).get("method")
+    if method:
+        print(f"compressed with {method}")
     print(format_table(rows))
     before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
     density = after / before if before else 1.0

@@ -237,6 +237,7 @@ def _prune_linear(block: nn.Module, full: str, local: str, density: float, g: to
         pruned = sparse.prune(config.method, weight, g.to(weight.device), density, config.nm)
     with torch.no_grad():
         module.weight.copy_(pruned if isinstance(module, nn.Linear) else pruned.T)
+    setattr(module, sparse.PRUNED_ATTR, config.pattern)
     m, n = weight.shape
     return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)),
                         solver.output_error(weight, pruned, g))

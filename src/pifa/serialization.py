@@ -6,6 +6,8 @@ and ``pifa_config.json``::
     {"format_version": 1, "library_version": "0.1.0", "dtype": "float32",
      "modules": {"model.layers.0.self_attn.q_proj":
                  {"kind": "pivot", "in_features": 64, "out_features": 64, "rank": 16, "bias": false}},
+     "pruned": {"model.layers.0.mlp.up_proj":     # optional: linears a sparse method zeroed
+                {"out_features": 64, "in_features": 32, "pattern": "2:4"}},
      "compression": {...}}   # optional: how the model was compressed
 
 When the model has compressed layers, ``config.json`` also carries the same module table as a
@@ -40,6 +42,7 @@ from .faults import crash_point
 from .layers import LowRankLinear, PivotLinear
 from .loading import model_class
 from .modules import is_linear, linear_shape
+from .sparse import PRUNED_ATTR
 
 if TYPE_CHECKING:  # transformers is imported lazily: `pifa --help` stays fast
     import transformers
@@ -74,6 +77,21 @@ def compressed_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
         for name, module in model.named_modules()
         if isinstance(module, tuple(LAYER_KINDS.values()))
     }
+
+
+def pruned_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Linears that a sparse method pruned in this process: shape and pattern, by qualified name.
+
+    They stay dense-shaped (zeros in the weight), so loading needs nothing from this table;
+    ``pifa info`` uses it to report their achieved density.
+    """
+    table = {}
+    for name, module in model.named_modules():
+        pattern = getattr(module, PRUNED_ATTR, None)
+        if pattern is not None:
+            out_features, in_features = linear_shape(module)
+            table[name] = {"out_features": out_features, "in_features": in_features, "pattern": pattern}
+    return table
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -169,6 +187,9 @@ def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compress
         "dtype": str(_model_dtype(model)).removeprefix("torch."),
         "modules": modules,
     }
+    pruned = pruned_modules(model)
+    if pruned:
+        spec["pruned"] = pruned
     if compression is not None:
         spec["compression"] = compression
     (directory / CONFIG_NAME).write_text(json.dumps(spec, indent=2) + "\n")
@@ -206,6 +227,10 @@ def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{CONFIG_NAME} has no 'modules' table")
     for name, entry in modules.items():
         _check_entry(name, entry)
+    pruned = spec.get("pruned", {})
+    if not isinstance(pruned, dict) or not all(
+            isinstance(e, dict) and {"out_features", "in_features", "pattern"} <= e.keys() for e in pruned.values()):
+        raise ValueError(f"{CONFIG_NAME}: 'pruned' must map module names to out_features, in_features and pattern")
     return spec
 
 

@@ -15,6 +15,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+PRUNED_ATTR = "pifa_pruned_pattern"  # set on a pruned linear: its pattern, recorded by save_compressed
 _TOL = 1e-9
 
 
