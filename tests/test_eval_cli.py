@@ -128,9 +128,10 @@ def test_unknown_lm_eval_task(dense_dir, capsys):
 
 def test_bench_layer_and_model_small(tmp_path, capsys):
     assert main(["bench", "layer", "--out-features", "64", "--in-features", "48", "--rank", "16", "--tokens", "1", "8",
-                 "--dtypes", "float32", "--rounds", "1", "--device", "cpu", "--json", str(tmp_path / "l.json")]) == 0
+                 "--dtypes", "float32", "--rounds", "1", "--repeats", "2", "--device", "cpu",
+                 "--json", str(tmp_path / "l.json")]) == 0
     out = capsys.readouterr().out
-    assert "lowrank/pifa" in out and "dense/pifa" in out
+    assert "lowrank/pifa" in out and "dense/pifa" in out and "lowrank/pifa range" in out
     assert len(json.loads((tmp_path / "l.json").read_text())["rows"]) == 2
     assert main(["bench", "model", "--hidden", "64", "--mlp", "128", "--blocks", "1", "--vocab", "100",
                  "--prefill", "16", "--decode", "2", "--rounds", "1", "--device", "cpu"]) == 0
@@ -138,7 +139,8 @@ def test_bench_layer_and_model_small(tmp_path, capsys):
     assert "decode_x" in out and "prefill_x" in out and "pifa@0.5" in out
 
 
-@pytest.mark.parametrize("args", [["layer", "--rank", "0"], ["layer", "--tokens", "-1"], ["model", "--hidden", "0"]])
+@pytest.mark.parametrize("args", [["layer", "--rank", "0"], ["layer", "--tokens", "-1"], ["layer", "--repeats", "0"],
+                                  ["model", "--hidden", "0"]])
 def test_bench_shapes_must_be_positive(args, capsys):
     assert main(["bench", *args, "--device", "cpu"]) == 2
     assert "must be a positive integer" in capsys.readouterr().err

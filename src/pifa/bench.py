@@ -67,20 +67,41 @@ def layer_set(m: int, n: int, rank: int, dtype: torch.dtype, device: str) -> dic
 
 
 def bench_layers(m: int, n: int, rank: int, tokens: list[int], dtype: torch.dtype, device: str,
-                 rounds: int = 7) -> list[dict[str, Any]]:
-    """Milliseconds per forward of each layer kind at each token count, and ratios to PIFA."""
-    _check_positive(rounds=rounds, **{f"tokens[{i}]": t for i, t in enumerate(tokens)})
-    layers = layer_set(m, n, rank, dtype, device)
-    rows = []
-    for t in tokens:
-        x = torch.randn(t, n, device=device, dtype=dtype)
-        with torch.inference_mode():
-            ms = interleaved_medians({k: (lambda f=f: f(x)) for k, f in layers.items()}, rounds=rounds, device=device)
-        row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "tokens": t}
-        row.update({f"{k}_ms": round(v, 3) for k, v in ms.items()})
-        row.update({f"{k}/pifa": round(v / ms["pifa"], 3) for k, v in ms.items() if k != "pifa"})
-        rows.append(row)
-    return rows
+                 rounds: int = 7, repeats: int = 1) -> list[dict[str, Any]]:
+    """Milliseconds per forward of each layer kind at each token count, and ratios to PIFA.
+
+    Each of ``repeats`` measurements builds fresh layers (new allocations: on a CPU a
+    GEMM's speed depends on where its operands landed) and times them side by side; the
+    row gives the median over repeats of the milliseconds and of each repeat's ratios (each
+    ratio comes from one side-by-side measurement), and the range of low-rank / PIFA.
+    """
+    _check_positive(rounds=rounds, repeats=repeats, **{f"tokens[{i}]": t for i, t in enumerate(tokens)})
+    runs: list[dict[int, dict[str, float]]] = []
+    for _ in range(repeats):
+        layers = layer_set(m, n, rank, dtype, device)
+        run = {}
+        for t in tokens:
+            x = torch.randn(t, n, device=device, dtype=dtype)
+            with torch.inference_mode():
+                run[t] = interleaved_medians({k: (lambda f=f: f(x)) for k, f in layers.items()},  # noqa: B023
+                                             rounds=rounds, device=device)
+        runs.append(run)
+        del layers
+    return [_layer_row(dtype, t, [run[t] for run in runs]) for t in tokens]
+
+
+def _layer_row(dtype: torch.dtype, tokens: int, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One table row from the per-repeat medians of one token count."""
+    ms = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens}
+    row.update({f"{k}_ms": round(v, 3) for k, v in ms.items()})
+    for k in ms:
+        if k != "pifa":
+            row[f"{k}/pifa"] = round(statistics.median(run[k] / run["pifa"] for run in runs), 3)
+    if len(runs) > 1:
+        ratios = [run["lowrank"] / run["pifa"] for run in runs]
+        row["lowrank/pifa range"] = f"{min(ratios):.3f}-{max(ratios):.3f}"
+    return row
 
 
 def synthetic_llama(hidden: int, mlp: int, blocks: int, vocab: int, dtype: torch.dtype, device: str) -> nn.Module:

@@ -55,6 +55,8 @@ def _add_bench(sub: Any) -> None:
     model.add_argument("--prefill", type=int, default=512, help="prefill tokens per sequence")
     model.add_argument("--decode", type=int, default=32, help="decoded tokens (with the KV cache)")
     model.set_defaults(func=commands.cmd_bench_model)
+    layer.add_argument("--repeats", type=int, default=5,
+                       help="independent measurements with fresh layers; the table gives their medians")
     for parser in (layer, model):
         parser.add_argument("--device", default="auto")
         parser.add_argument("--rounds", type=int, default=5)

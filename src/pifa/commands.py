@@ -137,7 +137,8 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     dtypes = [_torch_dtype(d) for d in args.dtypes]
     print(f"pifa bench layer: {m} x {n}, rank {r}, device {device}, threads {torch.get_num_threads()}, "
           f"FLOP ideal lowrank/pifa {(m + n) / max(m + n - r, 1):.3f}")
-    rows = [row for dtype in dtypes for row in bench_layers(m, n, r, args.tokens, dtype, device, args.rounds)]
+    rows = [row for dtype in dtypes for row in bench_layers(m, n, r, args.tokens, dtype, device, args.rounds,
+                                                                    args.repeats)]
     print(format_table(rows))
     _write_json(args.json, {"kind": "bench-layer", "device": device, "shape": [m, n], "rank": r, "rows": rows})
     return 0

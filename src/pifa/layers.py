@@ -229,7 +229,7 @@ class PivotLinear(_CompressedLinear):
         return self._forward_inference(x)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Same maths with both GEMMs writing into one buffer and a single gather (no autograd)."""
+        """Same maths with both GEMMs writing into one buffer (T, out) and one gather (no autograd)."""
         x2 = x.reshape(-1, self.in_features)
         buf = x2.new_empty(x2.shape[0], self.out_features)
         z, rest = buf[:, : self.rank], buf[:, self.rank :]
@@ -239,8 +239,9 @@ class PivotLinear(_CompressedLinear):
         else:
             torch.addmm(self.bias[self.other_index], z, self.coeff.t(), out=rest)
             z.add_(self.bias[self.pivot_index])
-        out = torch.empty_like(buf)
-        torch.index_select(buf, 1, self.gather_index, out=out)
+        # torch.gather with a broadcast index beats index_select along dim 1 on CPU (fp32 2048 x 4096:
+        # 6.7 vs 10.0 ms; bf16 512 x 4096: 1.4 vs 5.5 ms).
+        out = torch.gather(buf, 1, self.gather_index.expand(buf.shape[0], -1))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _dense_weight(self) -> torch.Tensor:
