@@ -161,3 +161,13 @@ def test_report_writes_markdown_and_plots(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert main(["report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "rep2")]) == 2
     assert "not a pifa results file" in capsys.readouterr().err and not (tmp_path / "rep2").exists()
+
+
+def test_report_single_density_comparison_plots_bars(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = [{"model": "tiny", "method": m, "density": d, "cosine": c}
+            for m, d, c in [("dense", 1.0, 1.0), ("mpifa", 0.5, 0.8), ("sparsegpt@2:4", 0.5, 0.86)]]
+    (tmp_path / "s.json").write_text(json.dumps({"rows": rows}))
+    assert main(["report", str(tmp_path / "s.json"), "--out", str(tmp_path / "rep")]) == 0
+    assert [p.name for p in (tmp_path / "rep").glob("*.png")] == ["s_tiny.png"]
+    assert "sparsegpt@2:4" in (tmp_path / "rep" / "report.md").read_text()

@@ -58,6 +58,7 @@ def _rows(kind: str, data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _plot_quality(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any) -> list[Path]:
+    """Per model: metric vs density per method, or sorted bars when every method has one density."""
     files = []
     for model in dict.fromkeys(r.get("model", "model") for r in rows):
         mine = [r for r in rows if r.get("model", "model") == model]
@@ -65,20 +66,47 @@ def _plot_quality(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any) ->
                        if (f"{k}_ppl" if sub else k) in mine[0]), None)
         if metric is None:
             continue
+        compressed = [r for r in mine if r["method"] != "dense"]
+        dense = next((r[metric] for r in mine if r["method"] == "dense"), None)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in dict.fromkeys(r["method"] for r in mine):
-            points = sorted((r["density"], r[metric]) for r in mine if r["method"] == method)
-            if method == "dense":
-                ax.axhline(points[0][1], color="gray", linestyle="--", label="dense")
-            else:
-                ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(xlabel="density (kept fraction of the targeted weights)", ylabel=metric, title=str(model))
-        if metric.endswith("ppl"):
-            ax.set_yscale("log")
+        if len({r["density"] for r in compressed}) == 1:
+            _quality_bars(ax, compressed, dense, metric)
+        else:
+            _quality_lines(ax, compressed, dense, metric)
+        ax.set_title(str(model))
         ax.grid(alpha=0.3)
-        ax.legend()
         files.append(_save(fig, out / f"{stem}_{_slug(model)}.png", plt))
     return files
+
+
+def _quality_lines(ax: Any, rows: list[dict[str, Any]], dense: float | None, metric: str) -> None:
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ax.plot(*zip(*sorted((r["density"], r[metric]) for r in rows if r["method"] == method)),
+                marker="o", label=method)
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle="--", label="dense")
+    ax.set(xlabel="density (kept fraction of the targeted weights)", ylabel=metric)
+    if metric.endswith("ppl"):
+        ax.set_yscale("log")
+    ax.legend()
+
+
+def _quality_bars(ax: Any, rows: list[dict[str, Any]], dense: float | None, metric: str) -> None:
+    """One density: a bar per method, best on top; sparse (METHOD@PATTERN) and low-rank coloured apart."""
+    lower_is_better = metric.endswith("ppl")
+    ranked = sorted(rows, key=lambda r: r[metric], reverse=not lower_is_better)[::-1]
+    colours = ["tab:orange" if "@" in r["method"] else "tab:blue" for r in ranked]
+    from matplotlib.patches import Patch
+
+    ax.barh([r["method"] for r in ranked], [r[metric] for r in ranked], color=colours)
+    handles = [Patch(color="tab:blue", label="low-rank"), Patch(color="tab:orange", label="sparse (N:M)")]
+    if dense is not None:
+        handles.insert(0, ax.axvline(dense, color="gray", linestyle="--", label="dense"))
+    ax.legend(handles=handles, loc="lower right")
+    values = [r[metric] for r in ranked] + ([dense] if dense is not None else [])
+    if lower_is_better:
+        ax.set_xlim(min(values) * 0.9, max(values) * 1.03)
+    ax.set(xlabel=f"{metric} at density {ranked[0]['density']} ({'lower' if lower_is_better else 'higher'} is better)")
 
 
 def _plot_ratios(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any, label_keys: tuple[str, ...]) -> list[Path]:
