@@ -93,11 +93,11 @@ def _quality_lines(ax: Any, rows: list[dict[str, Any]], dense: float | None, met
 
 def _quality_bars(ax: Any, rows: list[dict[str, Any]], dense: float | None, metric: str) -> None:
     """One density: a bar per method, best on top; sparse (METHOD@PATTERN) and low-rank coloured apart."""
-    lower_is_better = metric.endswith("ppl")
-    ranked = sorted(rows, key=lambda r: r[metric], reverse=not lower_is_better)[::-1]
-    colours = ["tab:orange" if "@" in r["method"] else "tab:blue" for r in ranked]
     from matplotlib.patches import Patch
 
+    lower_is_better = metric.endswith("ppl")
+    ranked = sorted(rows, key=lambda r: r[metric], reverse=lower_is_better)  # barh draws the last on top
+    colours = ["tab:orange" if "@" in r["method"] else "tab:blue" for r in ranked]
     ax.barh([r["method"] for r in ranked], [r[metric] for r in ranked], color=colours)
     handles = [Patch(color="tab:blue", label="low-rank"), Patch(color="tab:orange", label="sparse (N:M)")]
     if dense is not None:
