@@ -9,7 +9,7 @@ The FLOP ideal of low-rank / PIFA is (m + n) / (m + n - r) = 1.33 at r = n / 2.
 
 import sys
 
-from pifa.cli import main
+from pifa.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "layer", *sys.argv[1:]]))

@@ -43,7 +43,7 @@ import pifa
 from pifa.tables import format_table
 from pifa.data import calibration_batches, stdlib_python_files
 from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_ids, text_token_ids
-from pifa.loading import load_dense
+from pifa.app.loading import load_dense
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("svd", "svd-llm", "m", "mpifa")

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 import pifa
 from pifa.data import calibration_batches
 from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings
-from pifa.loading import load_dense
+from pifa.app.loading import load_dense
 from pifa.tables import format_table
-from pifa.timing import interleaved_medians
+from pifa.app.timing import interleaved_medians
 
 CALIB_MODULES = ("argparse", "collections", "logging", "pathlib", "shutil", "subprocess", "textwrap", "zipfile",
                  "tarfile", "unittest", "random", "decimal", "fractions", "datetime", "heapq", "functools")
@@ -58,7 +58,7 @@ def sentences(docs: list[str], limit: int) -> list[str]:
 
 
 def linear_megabytes(model: torch.nn.Module) -> float:
-    _, blocks = pifa.modules.find_blocks(model)
+    _, blocks = pifa.model.find_blocks(model)
     return sum(p.numel() * p.element_size() for p in blocks.parameters() if p.dim() == 2) / 2**20
 
 

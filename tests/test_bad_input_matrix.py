@@ -5,9 +5,9 @@ import json
 import pytest
 
 from pifa import PivotLinear, save_compressed
-from pifa.cli import main
+from pifa.app.cli import main
 
-from conftest import compress_argv, make_dense_dir, tiny_model
+from helpers import compress_argv, make_dense_dir, tiny_model
 
 
 @pytest.fixture

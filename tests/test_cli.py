@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pifa import CompressionConfig, PivotLinear, __version__, compress, save_compressed
-from pifa.cli import main
-from pifa.serialization import CONFIG_NAME
+from pifa.app.cli import main
+from pifa.format import CONFIG_NAME
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -39,8 +39,8 @@ def test_info_prints_modules_and_density(tmp_path, capsys):
 def test_info_reports_pruned_linears_from_the_file(tmp_path, capsys):
     model = tiny_model("gpt2")  # Conv1D weights are stored (in, out): shapes come from the table
     config = CompressionConfig(method="wanda", pattern="2:4", targets=("*mlp*",))
-    compress(model, config, torch.randint(0, 128, (4, 16)))
-    save_compressed(model, tmp_path / "s", compression=config.to_dict())
+    report = compress(model, config, torch.randint(0, 128, (4, 16)))
+    save_compressed(model, tmp_path / "s", compression=config.to_dict(), report=report)
     spec = json.loads((tmp_path / "s" / CONFIG_NAME).read_text())
     assert spec["pruned"]["transformer.h.0.mlp.c_fc"] == {"out_features": 128, "in_features": 32, "pattern": "2:4"}
     assert main(["info", str(tmp_path / "s")]) == 0

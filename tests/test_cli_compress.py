@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pifa import PivotLinear, load_compressed
-from pifa.cli import main
+from pifa.app.cli import main
 
-from conftest import compress_argv as compress_args
-from conftest import make_dense_dir, model_output
+from helpers import compress_argv as compress_args
+from helpers import make_dense_dir, model_output
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import torch
 
 import pifa
 from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
-from pifa.modules import find_blocks, is_linear
+from pifa.model import find_blocks, is_linear
 
-from conftest import MATRIX_CONFIGS, model_output, tiny_model
+from helpers import MATRIX_CONFIGS, model_output, tiny_model
 
 CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
 KINDS = {"mpifa": PivotLinear, "m": LowRankLinear, "svd-llm": LowRankLinear, "svd": LowRankLinear}
@@ -193,7 +193,7 @@ def test_sparse_methods_keep_n_of_every_m(method, pattern, tmp_path):
     model = tiny_model("gpt2")  # Conv1D: the pattern runs along the inputs of the transposed weight
     report = run(model, method=method, pattern=pattern)
     assert report.density == pytest.approx(n_keep / m_group)
-    from pifa.modules import linear_weight
+    from pifa.model import linear_weight
     for module in find_blocks(model)[1].modules():
         if is_linear(module):
             groups = linear_weight(module).reshape(-1, m_group)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import compress_argv, make_dense_dir
+from helpers import compress_argv, make_dense_dir
 
 
 def pifa(*args, crash_at=None):

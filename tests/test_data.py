@@ -12,7 +12,7 @@ import transformers
 
 from pifa.data import calibration_batches, load_texts, stdlib_python_files
 
-from conftest import char_tokenizer
+from helpers import char_tokenizer
 TEXT = "the quick brown fox jumps over the lazy dog.\n\n" * 20
 
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from pifa.cli import main
+from pifa.app.cli import main
 
-from conftest import CALIB_TEXT, char_tokenizer, make_dense_dir
+from helpers import CALIB_TEXT, char_tokenizer, make_dense_dir
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_eval_bad_input(dense_dir, tmp_path, capsys, monkeypatch, extra, message
 
 
 def test_encoder_fidelity_of_an_unmodified_model_is_one(tmp_path, capsys):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model("bert")
     model.save_pretrained(tmp_path / "bert")

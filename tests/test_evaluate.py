@@ -9,7 +9,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import tiny_model
+from helpers import tiny_model
 from pifa.evaluate import (
     encoder_fidelity, mean_pooled_embeddings, perplexity, perplexity_of_text, spread_windows,
 )

@@ -12,10 +12,10 @@ import transformers
 
 import pifa
 from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
-from pifa.modules import find_blocks, is_linear, linear_weight
-from pifa.serialization import CONFIG_NAME
+from pifa.model import find_blocks, is_linear, linear_weight
+from pifa.format import CONFIG_NAME
 
-from conftest import MATRIX_CONFIGS, model_output, tiny_model
+from helpers import MATRIX_CONFIGS, model_output, tiny_model
 
 CAUSAL_ARCHS = ["llama", "llama-tied", "qwen2"]
 
@@ -277,7 +277,7 @@ def test_bad_quantization_config(saved_causal):
 
 def test_cannot_compress_on_the_fly(tmp_path):
     """A dense checkpoint with a PifaQuantizationConfig passed in: pifa needs calibration, so it refuses."""
-    from pifa.hf_integration import PifaQuantizationConfig
+    from pifa.hf import PifaQuantizationConfig
 
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="pre-quantized"):
@@ -287,7 +287,7 @@ def test_cannot_compress_on_the_fly(tmp_path):
 def test_register_is_idempotent():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    from pifa.hf_integration import PifaHfQuantizer, PifaQuantizationConfig, register
+    from pifa.hf import PifaHfQuantizer, PifaQuantizationConfig, register
 
     register()
     register()

@@ -1,7 +1,7 @@
 import pytest
 
 from pifa import rank_for_density
-from pifa.ranks import layer_parameters
+from pifa.budget import layer_parameters
 
 
 @pytest.mark.parametrize(

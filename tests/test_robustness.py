@@ -8,7 +8,7 @@ import torch
 
 from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
 
-from conftest import model_output, tiny_model
+from helpers import model_output, tiny_model
 
 CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
 

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
-from pifa.serialization import CONFIG_NAME, WEIGHTS_NAME
+from pifa.format import CONFIG_NAME, WEIGHTS_NAME
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def compress_some(model):

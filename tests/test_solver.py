@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pifa import solver
-from pifa.modules import build_layer
+from pifa.layers import build_layer
 
 
 def problem(m=24, n=16, tokens=200, seed=0):

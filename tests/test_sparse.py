@@ -7,7 +7,7 @@ import torch
 
 from pifa import sparse
 
-METHODS = sparse.METHODS
+METHODS = sparse.RULES
 
 
 def layer(m: int = 12, n: int = 32, tokens: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,37 +2,39 @@
 
 Public API::
 
+    pifa.compress(model, pifa.CompressionConfig(density=0.5), calib) -> CompressionReport
     pifa.LowRankLinear, pifa.PivotLinear          # compressed layers
     pifa.rank_for_density(out, in, density, kind)  # rank maths
     pifa.save_compressed(model, path), pifa.load_compressed(path)
+
+``import pifa`` registers the ``"pifa"`` quantization method with transformers (the one visible
+call at the end of this file), so that ``AutoModel*.from_pretrained`` loads pifa checkpoints.
+It writes no environment variable and installs no import hook. For bit-identical runs across
+machine load, set ``MKL_DYNAMIC=FALSE`` before the first torch call (the ``pifa`` CLI does).
 """
 
-import os as _os
-
-# Determinism: MKL may otherwise change its thread count with the machine's load, and with it
-# the rounding of every GEMM, so that a resumed run would not reproduce an uninterrupted one
-# bit for bit. Only a default: a value the user set wins. Must precede the first MKL call.
-_os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-
-from ._version import __version__  # noqa: E402
+from ._version import __version__
+from .budget import rank_for_density
+from .compress import compress
+from .config import METHODS, CompressionConfig
+from .io import load_compressed, save_compressed
 from .layers import LowRankLinear, PivotLinear
 from .pivot import select_pivots
-from .ranks import rank_for_density
-from .serialization import load_compressed, save_compressed
-from . import hf_integration  # noqa: E402,F401  registers the "pifa" quantizer: transformers' from_pretrained loads save_compressed dirs
+from .report import CompressionReport
+from . import hf
 
 __all__ = [
-    "__version__",
+    "METHODS",
+    "CompressionConfig",
+    "CompressionReport",
     "LowRankLinear",
     "PivotLinear",
+    "__version__",
+    "compress",
     "load_compressed",
     "rank_for_density",
     "save_compressed",
     "select_pivots",
 ]
 
-from .config import CompressionConfig  # noqa: E402
-from .engine import compress  # noqa: E402
-from .report import CompressionReport  # noqa: E402
-
-__all__ += ["CompressionConfig", "CompressionReport", "compress"]
+hf.register()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .faults import crash_point
-from .modules import hooks
+from .model import hooks
 
 
 class _Stop(Exception):
@@ -88,6 +89,24 @@ def layer_inputs(
         except _Stop:
             return seen[0]
     raise ValueError("a targeted linear was never called by its block")
+
+
+@contextlib.contextmanager
+def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input [tokens, n] of each module's first call during the forward passes inside the block."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            if name not in seen:
+                seen[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+        return pre_hook
+
+    with hooks([module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]):
+        yield seen
+    missing = set(modules) - set(seen)
+    if missing:
+        raise ValueError(f"targeted linears never called by their block: {sorted(missing)}")
 
 
 def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, device: torch.device) -> list[list[str]]:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .config import CompressionConfig
-from .modules import set_module
+from .format import compressed_modules
+from .layers import LAYER_KINDS
+from .model import set_module
 from .report import ModuleReport
-from .serialization import LAYER_KINDS, module_spec
 
 PROGRESS = "progress.json"
 
@@ -36,15 +37,14 @@ def fingerprint(batches: list[torch.Tensor]) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """The model's config and every tensor's name, shape and dtype, plus the first block's weights."""
+    """The model's config and every tensor: name, shape, dtype and all its bytes (sha256)."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     digest.update((config.to_json_string() if config is not None else type(model).__name__).encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    first = next((p for p in model.parameters() if p.dim() == 2), None)
-    if first is not None:
-        digest.update(first.detach().float().cpu().contiguous().numpy().tobytes()[: 1 << 20])
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
@@ -80,7 +80,7 @@ class Checkpoint:
         tmp = self.directory / f"block_{index:04d}.safetensors.tmp"
         safetensors.torch.save_model(block, str(tmp))
         os.replace(tmp, self.directory / f"block_{index:04d}.safetensors")
-        specs = {n: module_spec(m) for n, m in block.named_modules() if isinstance(m, tuple(LAYER_KINDS.values()))}
+        specs = compressed_modules(block)
         mine = [asdict(r) for r in reports if r.name.startswith(prefix + ".")]
         self.state["blocks"][str(index)] = {"modules": specs, "reports": mine}
         _write_atomic(self.directory / PROGRESS, json.dumps(self.state, indent=1).encode())

@@ -6,14 +6,45 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ranks import check_density
-from .sparse import METHODS as SPARSE_METHODS
+from .budget import check_density
+from .sparse import RULES as SPARSE_RULES
 from .sparse import parse_pattern, resolve_density
+from .validate import check_positive_int
 
 CONFIG_VERSION = 1
-LOW_RANK_METHODS = ("svd", "svd-llm", "m", "mpifa")
-METHODS = LOW_RANK_METHODS + SPARSE_METHODS
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method does: the layer every target becomes and the solver steps that fit it.
+
+    ``layer_kind`` is "lowrank" (up @ down), "pivot" (PIFA) or "sparse" (zeros written into the
+    dense weight by ``sparse_rule``); ``whiten`` fits factors to the calibration statistics
+    (SVD-LLM); ``reconstruct`` runs the M reconstruction on the two activation streams.
+    """
+
+    name: str
+    layer_kind: str
+    whiten: bool = False
+    reconstruct: bool = False
+    sparse_rule: str | None = None
+
+    @property
+    def low_rank(self) -> bool:
+        return self.sparse_rule is None
+
+
+METHODS: dict[str, Method] = {
+    "svd": Method("svd", "lowrank"),
+    "svd-llm": Method("svd-llm", "lowrank", whiten=True),
+    "m": Method("m", "lowrank", whiten=True, reconstruct=True),
+    "mpifa": Method("mpifa", "pivot", whiten=True, reconstruct=True),
+    **{rule: Method(rule, "sparse", sparse_rule=rule) for rule in SPARSE_RULES},
+}
+LOW_RANK_METHODS = tuple(name for name, method in METHODS.items() if method.low_rank)
+SPARSE_METHODS = tuple(name for name, method in METHODS.items() if not method.low_rank)
 ALLOCATIONS = ("uniform", "owl")
+PIVOT_METHODS = ("lu", "qr")
 DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
 
 
@@ -64,7 +95,7 @@ class CompressionConfig:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(METHODS))
         parse_pattern(self.pattern)
         if self.method in SPARSE_METHODS:
             density = 0.5 if self.density is None and parse_pattern(self.pattern) is None else self.density
@@ -77,13 +108,11 @@ class CompressionConfig:
         if self.attn_density is not None:
             check_density(self.attn_density, "attn_density")
         _choice("allocation", self.allocation, ALLOCATIONS)
-        _choice("pivot_method", self.pivot_method, ("lu", "qr"))
+        _choice("pivot_method", self.pivot_method, PIVOT_METHODS)
         if not 0 <= self.mix <= 1:
             raise ValueError(f"mix {self.mix!r} is outside [0, 1]")
-        for name in ("als_steps", "rank_multiple_of"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "rank_multiple_of" else 0):
-                raise ValueError(f"{name} {value!r} must be a {'positive' if name == 'rank_multiple_of' else 'non-negative'} integer")
+        check_positive_int(self.als_steps, "als_steps", minimum=0)
+        check_positive_int(self.rank_multiple_of, "rank_multiple_of")
         for name in ("ridge", "damping", "owl_lambda", "owl_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be >= 0")
@@ -93,12 +122,15 @@ class CompressionConfig:
         object.__setattr__(self, "ignore", tuple(self.ignore))
 
     @property
+    def spec(self) -> Method:
+        """What ``method`` does (its entry in :data:`METHODS`)."""
+        return METHODS[self.method]
+
+    @property
     def layer_kind(self) -> str:
         """What every target becomes: "pivot" for mpifa, "sparse" (zeros in place) for the sparse
         baselines, "lowrank" otherwise."""
-        if self.method in SPARSE_METHODS:
-            return "sparse"
-        return "pivot" if self.method == "mpifa" else "lowrank"
+        return self.spec.layer_kind
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -107,7 +139,7 @@ class CompressionConfig:
 
     @property
     def uses_calibration(self) -> bool:
-        return self.method != "svd"
+        return self.spec.whiten or not self.spec.low_rank
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

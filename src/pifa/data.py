@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .validate import check_positive_int
+
 logger = logging.getLogger(__name__)
 
 FOLDER_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
@@ -112,7 +114,7 @@ def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]
     return texts
 
 
-def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
+def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D int64 tensor, without special tokens or truncation.
 
     Accepts a ``transformers`` tokenizer or a raw ``tokenizers.Tokenizer``. ``verbose=False``
@@ -126,11 +128,6 @@ def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
     else:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-
-
-def _check_positive(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} {value!r} must be a positive integer")
 
 
 def calibration_batches(
@@ -149,15 +146,15 @@ def calibration_batches(
     ``torch.Generator().manual_seed(seed)``. The same inputs always give the same tensor.
     Raises ``ValueError`` for non-positive sizes or when N < seq_len + 1.
     """
-    _check_positive(num_samples, "num_samples")
-    _check_positive(seq_len, "seq_len")
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(seq_len, "seq_len")
     if isinstance(source_or_texts, (str, os.PathLike)):
         texts = load_texts(source_or_texts)
     else:
         texts = list(source_or_texts)
         if not texts or not all(isinstance(t, str) for t in texts) or not "".join(texts).strip():
             raise ValueError("calibration texts must be a non-empty list of non-empty strings")
-    ids = _token_ids(tokenizer, "\n\n".join(texts))
+    ids = text_token_ids(tokenizer, "\n\n".join(texts))
     if ids.numel() < seq_len + 1:
         raise ValueError(
             f"calibration text has {ids.numel()} tokens, fewer than one sample of seq_len={seq_len}"

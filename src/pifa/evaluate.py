@@ -7,41 +7,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import text_token_ids
+from .model import eval_mode, module_device
+from .validate import check_positive_int
+
 logger = logging.getLogger(__name__)
 
 BOS_HANDLING = "none"
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode (no dropout) for the block, restoring its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _windows(input_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The token stream ``[L]`` or ``[1, L]`` cut into ``[L // seq_len, seq_len]`` (tail dropped)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len {seq_len!r} must be an integer >= 2 (one predicted token per window at least)")
+    check_positive_int(seq_len, "seq_len", minimum=2)  # one predicted token per window at least
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:
         input_ids = input_ids[0]
     if input_ids.dim() != 1:
@@ -82,22 +69,15 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, seq_len: int, batch_si
     Raises ``ValueError`` for a ``seq_len`` longer than the stream (or < 2), and for
     non-finite logits, naming the first offending window index.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be a positive integer")
-    windows = _windows(input_ids, seq_len).to(_device_of(model))
+    check_positive_int(batch_size, "batch_size")
+    windows = _windows(input_ids, seq_len).to(module_device(model))
     total = 0.0
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for first in range(0, windows.shape[0], batch_size):
             total += _window_nll(model, windows[first: first + batch_size], first)
     predicted = windows.shape[0] * (seq_len - 1)
     logger.info("perplexity over %d windows of %d tokens", windows.shape[0], seq_len)
     return math.exp(total / predicted)
-
-
-def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    """The whole ``text`` tokenized once without special tokens: LongTensor ``[L]``."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
 def spread_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -110,8 +90,7 @@ def spread_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> 
     """
     windows = _windows(ids, seq_len)
     if max_windows is not None:
-        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
-            raise ValueError(f"max_windows {max_windows!r} must be a positive integer or None")
+        check_positive_int(max_windows, "max_windows")
         total = windows.shape[0]
         if max_windows < total:
             windows = windows[torch.arange(max_windows) * total // max_windows]
@@ -171,9 +150,9 @@ def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str
     """
     if not sentences:
         raise ValueError("sentences must be a non-empty list of strings")
-    device = _device_of(model)
+    device = module_device(model)
     rows = []
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(sentences), batch_size):
             enc = tokenizer(sentences[start: start + batch_size], padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt").to(device)

@@ -251,3 +251,31 @@ class PivotLinear(_CompressedLinear):
             weight[self.pivot_index] = pivot
             weight[self.other_index] = self.coeff.double() @ pivot
             return weight.to(self.pivot_weight.dtype)
+
+
+LAYER_KINDS: dict[str, type[_CompressedLinear]] = {"lowrank": LowRankLinear, "pivot": PivotLinear}
+"""The compressed layer kinds, by the name ``pifa_config.json`` gives them; their parameter counts
+are ``pifa.budget.layer_parameters`` (r (m + n) and r (m + n - r))."""
+
+
+def is_compressed(module: nn.Module) -> bool:
+    """Whether ``module`` is one of pifa's compressed layers."""
+    return isinstance(module, tuple(LAYER_KINDS.values()))
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The ``LAYER_KINDS`` name of a compressed layer."""
+    return next(kind for kind, cls in LAYER_KINDS.items() if isinstance(module, cls))
+
+
+def build_layer(kind: str, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype, pivot_method: PivotMethod = DEFAULT_PIVOT_METHOD) -> nn.Module:
+    """A ``kind`` layer from float64 factors up (m, r) and down (r, n), cast to ``dtype``."""
+    bias = None if bias is None else bias.to(torch.float64)
+    if kind == "pivot":
+        layer = PivotLinear.from_factors(up, down, bias, method=pivot_method)
+    elif kind == "lowrank":
+        layer = LowRankLinear.from_factors(up, down, bias)
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}; choose one of {', '.join(LAYER_KINDS)}")
+    return layer.to(dtype)

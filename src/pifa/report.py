@@ -49,6 +49,15 @@ class CompressionReport:
     def params_after(self) -> int:
         return sum(m.params_after for m in self.modules)
 
+    def pruned_modules(self) -> dict[str, dict[str, Any]]:
+        """The linears a sparse method pruned (zeros in a dense weight): shape and pattern, by name.
+
+        Loading needs nothing from this table; ``pifa info`` uses it to count their kept weights.
+        """
+        pattern = self.config.get("pattern", "unstructured")
+        return {m.name: {"out_features": m.out_features, "in_features": m.in_features, "pattern": pattern}
+                for m in self.modules if m.kind == "sparse"}
+
     @property
     def density(self) -> float:
         """Achieved density: kept fraction of the targeted linears' weights."""

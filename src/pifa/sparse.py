@@ -14,8 +14,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
-PRUNED_ATTR = "pifa_pruned_pattern"  # set on a pruned linear: its pattern, recorded by save_compressed
+RULES = ("magnitude", "wanda", "ria", "sparsegpt")
 _TOL = 1e-9
 
 
@@ -41,10 +40,18 @@ def pattern_density(pattern: str) -> float | None:
 
 def resolve_density(pattern: str, density: float | None) -> float:
     """The kept fraction: N/M for "N:M" (a contradicting density is an error), else `density` in (0, 1]."""
-    implied = pattern_density(pattern)
-    if implied is not None:
+    nm = parse_pattern(pattern)
+    if nm is not None and density is None:
+        return nm[0] / nm[1]
+    return _checked_density(density, nm)
+
+
+def _checked_density(density: float | None, nm: tuple[int, int] | None) -> float:
+    """``density`` if it is in (0, 1] and, for an N:M pattern, equals N/M; else ``ValueError``."""
+    if nm is not None:
+        implied = nm[0] / nm[1]
         if density is not None and abs(density - implied) > _TOL:
-            raise ValueError(f"density {density} contradicts pattern {pattern} (density {implied})")
+            raise ValueError(f"density {density} contradicts pattern {nm[0]}:{nm[1]} (density {implied})")
         return implied
     if density is None or not 0.0 < density <= 1.0:
         raise ValueError(f"unstructured sparsity needs a density in (0, 1], got {density}")
@@ -100,23 +107,20 @@ def keep_mask(scores: torch.Tensor, density: float, nm: tuple[int, int] | None) 
     """Boolean keep-mask (m, n): per row the round(density * n) largest scores (nm None), or in
     every group of M consecutive inputs of every row the N largest (density must equal N/M)."""
     m, n = scores.shape
+    density = _checked_density(density, nm)
     if nm is None:
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"unstructured sparsity needs a density in (0, 1], got {density}")
         return _top_mask(scores, kept_per_row(density, n))
-    if abs(density - nm[0] / nm[1]) > _TOL:
-        raise ValueError(f"density {density} contradicts pattern {nm[0]}:{nm[1]} (density {nm[0] / nm[1]})")
     _check_width(n, nm)
     return _top_mask(scores.reshape(m, n // nm[1], nm[1]), nm[0]).reshape(m, n)
 
 
 def prune(method: str, w: torch.Tensor, g: torch.Tensor | None, density: float,
           nm: tuple[int, int] | None) -> torch.Tensor:
-    """Prune W (m, n) with `method` in METHODS; returns a tensor of W's shape and dtype with
+    """Prune W (m, n) with `method` in RULES; returns a tensor of W's shape and dtype with
     the pruned weights zero (SparseGPT also updates the kept ones). G (n, n) may be None
     only for magnitude."""
-    if method not in METHODS:
-        raise ValueError(f"unknown sparsity method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in RULES:
+        raise ValueError(f"unknown sparsity method {method!r}; expected one of {', '.join(RULES)}")
     if method != "magnitude" and g is None:
         raise ValueError(f"sparsity method {method!r} needs the calibration statistic G")
     if method == "sparsegpt":
@@ -194,13 +198,10 @@ def sparsegpt(w: torch.Tensor, g: torch.Tensor, density: float, nm: tuple[int, i
     N:M keeps the N best of every M. Float64 on W's device; returns W's shape and dtype.
     """
     m, n = w.shape
+    density = _checked_density(density, nm)
     if nm is not None:
         _check_width(n, nm)
-        if abs(density - nm[0] / nm[1]) > _TOL:
-            raise ValueError(f"density {density} contradicts pattern {nm[0]}:{nm[1]} (density {nm[0] / nm[1]})")
         block_size = max(nm[1], block_size // nm[1] * nm[1])  # groups never straddle blocks
-    elif not 0.0 < density <= 1.0:
-        raise ValueError(f"unstructured sparsity needs a density in (0, 1], got {density}")
     weight = w.detach().to(torch.float64).clone()
     g = g.to(device=w.device, dtype=torch.float64)
     dead = torch.diagonal(g) == 0

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import commands
-from ._version import __version__
+from .._version import __version__
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per CompressionConfig field (help and default from the field), so they never drift."""
     import dataclasses
 
-    from .config import ALLOCATIONS, METHODS, CompressionConfig
+    from ..config import ALLOCATIONS, METHODS, PIVOT_METHODS, CompressionConfig
 
     # No argparse choices: CompressionConfig validates, so every bad value gets the same one-line error.
     listed = {"method": METHODS, "allocation": ALLOCATIONS, "pivot_method": ("lu", "qr")}

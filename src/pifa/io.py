@@ -1,21 +1,5 @@
-"""Safe save and load of compressed models: tensors in safetensors, structure in JSON.
-
-A compressed model directory holds the Hugging Face ``config.json``, ``model.safetensors``
-and ``pifa_config.json``::
-
-    {"format_version": 1, "library_version": "0.1.0", "dtype": "float32",
-     "modules": {"model.layers.0.self_attn.q_proj":
-                 {"kind": "pivot", "in_features": 64, "out_features": 64, "rank": 16, "bias": false}},
-     "pruned": {"model.layers.0.mlp.up_proj":     # optional: linears a sparse method zeroed
-                {"out_features": 64, "in_features": 32, "pattern": "2:4"}},
-     "compression": {...}}   # optional: how the model was compressed
-
-When the model has compressed layers, ``config.json`` also carries the same module table as a
-``quantization_config`` block (``{"quant_method": "pifa", "format_version": 1,
-"library_version": ..., "modules": {...}}``), so that, once ``pifa`` is imported,
-``transformers.AutoModel*.from_pretrained`` rebuilds the compressed model through the
-quantizer plugin in :mod:`pifa.hf_integration`. ``pifa_config.json`` stays the source
-``load_compressed`` reads.
+"""Safe save and load of compressed models: tensors in safetensors, structure in JSON (see
+:mod:`pifa.format` for the directory's layout and schema).
 
 Loading rebuilds the skeleton on the meta device from ``config.json``, swaps in empty
 compressed layers, materialises it and loads the tensors. Nothing is ever unpickled.
@@ -39,59 +23,20 @@ from torch import nn
 
 from ._version import __version__
 from .faults import crash_point
-from .layers import LowRankLinear, PivotLinear
-from .loading import model_class
-from .modules import is_linear, linear_shape
-from .sparse import PRUNED_ATTR
+from .format import (
+    CONFIG_NAME, FORMAT_VERSION, HF_CONFIG_NAME, WEIGHTS_NAME, check_entry, check_tensor_shapes, compressed_modules,
+    is_pifa_quantization_config, quant_method_of, quantization_config_dict, read_pifa_config,
+)
+from .layers import LAYER_KINDS, PivotLinear
+from .model import is_linear, linear_shape
+from .validate import parse_dtype
 
-if TYPE_CHECKING:  # transformers is imported lazily: `pifa --help` stays fast
+if TYPE_CHECKING:
     import transformers
 
+    from .report import CompressionReport
+
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_NAME = "pifa_config.json"
-WEIGHTS_NAME = "model.safetensors"
-HF_CONFIG_NAME = "config.json"
-REQUIRED_FILES = (HF_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)
-LAYER_KINDS: dict[str, type[nn.Module]] = {"lowrank": LowRankLinear, "pivot": PivotLinear}
-QUANT_METHOD = "pifa"  # the ``quant_method`` of the ``quantization_config`` block in config.json
-
-
-def module_spec(layer: nn.Module) -> dict[str, Any]:
-    """The JSON description of one compressed layer."""
-    kind = next(k for k, cls in LAYER_KINDS.items() if isinstance(layer, cls))
-    return {
-        "kind": kind,
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "rank": layer.rank,
-        "bias": layer.bias is not None,
-    }
-
-
-def compressed_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Specs of every compressed layer of ``model``, by qualified name."""
-    return {
-        name: module_spec(module)
-        for name, module in model.named_modules()
-        if isinstance(module, tuple(LAYER_KINDS.values()))
-    }
-
-
-def pruned_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Linears that a sparse method pruned in this process: shape and pattern, by qualified name.
-
-    They stay dense-shaped (zeros in the weight), so loading needs nothing from this table;
-    ``pifa info`` uses it to report their achieved density.
-    """
-    table = {}
-    for name, module in model.named_modules():
-        pattern = getattr(module, PRUNED_ATTR, None)
-        if pattern is not None:
-            out_features, in_features = linear_shape(module)
-            table[name] = {"out_features": out_features, "in_features": in_features, "pattern": pattern}
-    return table
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -105,12 +50,14 @@ def save_compressed(
     compression: dict[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    report: CompressionReport | None = None,
 ) -> Path:
     """Write ``model`` (a Hugging Face model, possibly with compressed layers) to directory ``path``.
 
     The directory appears only once complete (written under a temporary name, then
     renamed). An existing ``path`` is an error unless ``overwrite``. ``extra_files`` maps
-    file names to text written beside the weights (e.g. the compression report).
+    file names to text written beside the weights (e.g. the compression report). With the
+    ``report`` of the run, the linears a sparse method pruned are listed under ``pruned``.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -122,7 +69,7 @@ def save_compressed(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        _write_directory(model, tmp, tokenizer, compression)
+        _write_directory(model, tmp, tokenizer, compression, report)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         crash_point("save")
@@ -133,36 +80,13 @@ def save_compressed(
     return path
 
 
-def quantization_config_dict(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The ``quantization_config`` block of ``config.json`` for a model with these compressed modules."""
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
-        "modules": copy.deepcopy(modules),
-    }
-
-
-def _quant_method(quantization_config: Any) -> Any:
-    if isinstance(quantization_config, dict):
-        method = quantization_config.get("quant_method")
-    else:
-        method = getattr(quantization_config, "quant_method", None)
-    return getattr(method, "value", method)
-
-
-def is_pifa_quantization_config(quantization_config: Any) -> bool:
-    """Whether a config's ``quantization_config`` (a dict or a config object) is pifa's."""
-    return quantization_config is not None and _quant_method(quantization_config) == QUANT_METHOD
-
-
 def _set_quantization_config(config: Any, modules: dict[str, dict[str, Any]]) -> None:
     """Point ``config.quantization_config`` at ``modules`` (drop a stale pifa block when there are none)."""
     current = getattr(config, "quantization_config", None)
     if current is not None and not is_pifa_quantization_config(current):
         if modules:
             raise ValueError(
-                f"the model's config already has a {_quant_method(current)!r} quantization_config; "
+                f"the model's config already has a {quant_method_of(current)!r} quantization_config; "
                 "it cannot also be saved with pifa's compressed layers"
             )
         return  # not ours, no compressed layers: leave it as it is
@@ -172,7 +96,8 @@ def _set_quantization_config(config: Any, modules: dict[str, dict[str, Any]]) ->
         del config.quantization_config
 
 
-def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compression: dict[str, Any] | None) -> None:
+def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compression: dict[str, Any] | None,
+                     report: CompressionReport | None) -> None:
     modules = compressed_modules(model)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # what from_pretrained and load_compressed build
@@ -187,7 +112,7 @@ def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compress
         "dtype": str(_model_dtype(model)).removeprefix("torch."),
         "modules": modules,
     }
-    pruned = pruned_modules(model)
+    pruned = report.pruned_modules() if report is not None else {}
     if pruned:
         spec["pruned"] = pruned
     if compression is not None:
@@ -207,69 +132,31 @@ def _replace_directory(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Validate a compressed model directory and return its ``pifa_config.json``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{str(path)!r} is not a directory")
-    for name in REQUIRED_FILES:
-        if not (path / name).is_file():
-            raise ValueError(f"{str(path)!r} is missing {name}")
-    try:
-        spec = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{CONFIG_NAME} in {str(path)!r} is not valid JSON: {exc}") from None
-    version = spec.get("format_version") if isinstance(spec, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"unknown {CONFIG_NAME} format_version {version!r} (this pifa reads {FORMAT_VERSION})")
-    modules = spec.get("modules")
-    if not isinstance(modules, dict):
-        raise ValueError(f"{CONFIG_NAME} has no 'modules' table")
-    for name, entry in modules.items():
-        _check_entry(name, entry)
-    pruned = spec.get("pruned", {})
-    if not isinstance(pruned, dict) or not all(
-            isinstance(e, dict) and {"out_features", "in_features", "pattern"} <= e.keys() for e in pruned.values()):
-        raise ValueError(f"{CONFIG_NAME}: 'pruned' must map module names to out_features, in_features and pattern")
-    return spec
+def model_class(architectures: Any) -> type[nn.Module]:
+    """The transformers model class that ``config.architectures`` names (``AutoModel`` when none).
+
+    Only transformers' own ``PreTrainedModel`` subclasses are accepted: a name such as
+    ``"pipeline"`` or ``"AutoTokenizer"`` is refused, and no code from a model folder is ever used.
+    """
+    import transformers
+
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or not all(isinstance(a, str) for a in architectures)):
+        raise ValueError(f"config.json: 'architectures' must be a list of class names, got {architectures!r}")
+    for arch in architectures or []:
+        cls = getattr(transformers, arch, None) if arch.isidentifier() and not arch.startswith("_") else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ValueError(f"config.json: architectures names {arch!r}, which is not a transformers model class")
+        return cls
+    return transformers.AutoModel
 
 
-def _check_entry(name: str, entry: Any, source: str = CONFIG_NAME) -> None:
-    keys = ("kind", "in_features", "out_features", "rank", "bias")
-    if not isinstance(entry, dict) or any(k not in entry for k in keys):
-        raise ValueError(f"{source}: module {name!r} needs the fields {keys}")
-    if entry["kind"] not in LAYER_KINDS:
-        raise ValueError(f"{source}: module {name!r} has unknown kind {entry['kind']!r}")
-
-
-def expected_shapes(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes that ``pifa_config.json`` implies for one compressed module."""
-    m, n, r = entry["out_features"], entry["in_features"], entry["rank"]
-    if entry["kind"] == "lowrank":
-        shapes = {"down": (r, n), "up": (m, r)}
-    else:
-        shapes = {"pivot_weight": (r, n), "coeff": (m - r, r), "pivot_index": (r,)}
-    if entry["bias"]:
-        shapes["bias"] = (m,)
-    return {f"{name}.{key}": shape for key, shape in shapes.items()}
-
-
-def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
-    """Compare ``model.safetensors``' header with the shapes ``spec`` implies (reads no tensor data)."""
-    weights = Path(path) / WEIGHTS_NAME
-    try:
-        with safetensors.safe_open(str(weights), framework="pt") as handle:
-            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from None
-    for name, entry in spec["modules"].items():
-        for key, shape in expected_shapes(name, entry).items():
-            if key not in stored:
-                raise ValueError(f"{WEIGHTS_NAME} lacks tensor {key!r} that {CONFIG_NAME} describes")
-            if stored[key] != shape:
-                raise ValueError(
-                    f"tensor {key!r} has shape {stored[key]} in {WEIGHTS_NAME} but {CONFIG_NAME} implies {shape}"
-                )
+def build_from_config(config: transformers.PretrainedConfig) -> nn.Module:
+    """``config``'s model with fresh weights, never with code from a model folder."""
+    cls = model_class(config.architectures)
+    if hasattr(cls, "from_config"):  # the Auto classes
+        return cls.from_config(config, trust_remote_code=False)
+    return cls(config)
 
 
 def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
@@ -283,7 +170,7 @@ def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any],
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = model_class(config.architectures)(config)
+            model = build_from_config(config)
             replace_with_compressed_layers(model, spec["modules"])  # in the dtype of the linears they replace
     finally:
         torch.set_default_dtype(previous)
@@ -327,7 +214,7 @@ def replace_with_compressed_layers(
     """
     replaced = []
     for name, entry in modules.items():
-        _check_entry(name, entry, source)
+        check_entry(name, entry, source)
         target = resolve_module_name(model, name)
         if target is None:
             raise ValueError(f"{source} names module {name!r}, which the model does not have")
@@ -365,13 +252,7 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, spec: dict[str, Any]) -> torch.dtype:
-    value = dtype if dtype is not None else spec.get("dtype", "float32")
-    if isinstance(value, torch.dtype):
-        return value
-    resolved = getattr(torch, str(value).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"unknown floating dtype {value!r}")
-    return resolved
+    return parse_dtype(dtype if dtype is not None else spec.get("dtype", "float32"))
 
 
 def _check_quantization_config(config: Any, spec: dict[str, Any]) -> None:
@@ -397,7 +278,7 @@ def load_compressed(
     check_tensor_shapes(path, spec)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     _check_quantization_config(config, spec)
     model = _build_skeleton(config, spec, _resolve_dtype(dtype, spec))
     _materialize(model, torch.device(device or "cpu"))

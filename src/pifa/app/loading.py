@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
+
+from ..io import model_class
+from ..validate import parse_dtype
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -18,16 +22,6 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}") from None
-
-
-def resolve_dtype(dtype: str | None) -> Any:
-    """"auto" keeps the checkpoint's dtype; otherwise a floating torch dtype name."""
-    if dtype in (None, "auto"):
-        return "auto"
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return value
 
 
 def _check_local(path: Path) -> None:
@@ -41,21 +35,11 @@ def _check_local(path: Path) -> None:
         )
 
 
-def model_class(architectures: list[str] | None) -> type[nn.Module]:
-    """The transformers class named by config.architectures (AutoModel when none is known)."""
-    import transformers
-
-    for arch in architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
 def load_dense(model: str, dtype: str | None = "auto", device: str | None = "auto") -> tuple[nn.Module, Any]:
-    """A dense model and its tokenizer from a local directory (or a hub id when online)."""
-    import transformers
+    """A dense model and its tokenizer from a local directory (or a hub id when online).
 
+    Never runs code from the model folder (``trust_remote_code=False`` everywhere).
+    """
     path = Path(model)
     if path.exists():
         if not path.is_dir():
@@ -67,10 +51,11 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
     else:
         raise ValueError(f"model {model!r} does not exist")
     try:
-        config = transformers.AutoConfig.from_pretrained(model)
+        config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=False)
         cls = model_class(architectures or config.architectures)
-        dense = cls.from_pretrained(model, dtype=resolve_dtype(dtype), use_safetensors=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        dense = cls.from_pretrained(model, dtype=parse_dtype(dtype, allow_auto=True), use_safetensors=True,
+                                    trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:  # transformers, hub and safetensors errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not load model {model!r}: {first}") from None

@@ -1,26 +1,42 @@
 """The implementations of the ``pifa`` subcommands (parsing lives in ``cli``).
 
 Every command raises ``ValueError`` for bad input; ``cli.main`` turns it into one line and
-exit code 2. Heavy imports happen inside the commands so that ``pifa --help`` stays fast.
+exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
-from .ranks import layer_parameters
-from .tables import format_table
-from .serialization import check_tensor_shapes, read_pifa_config
+import safetensors
+import torch
+from transformers import AutoTokenizer
 
-KIND_TO_RANK_KIND = {"lowrank": "lowrank", "pivot": "pifa"}
+from ..budget import layer_parameters
+from ..compress import compress
+from ..config import CompressionConfig
+from ..data import calibration_batches, load_texts
+from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text
+from ..format import CONFIG_NAME, WEIGHTS_NAME, check_tensor_shapes, read_pifa_config
+from ..io import load_compressed, save_compressed
+from ..tables import format_table
+from ..validate import parse_dtype
+from .bench import bench_layers, bench_models, random_pivot_copy, synthetic_llama
+from .loading import load_dense, resolve_device
+from .reporting import write_report
+from .zeroshot import zero_shot
 
 
 def _module_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, entry in spec["modules"].items():
         m, n, r = entry["out_features"], entry["in_features"], entry["rank"]
-        after = layer_parameters(m, n, r, KIND_TO_RANK_KIND[entry["kind"]])
+        after = layer_parameters(m, n, r, entry["kind"])
         rows.append({"module": name, "kind": entry["kind"], "shape": f"{m}x{n}", "rank": r,
                      "before": m * n, "after": after})
     return rows
@@ -28,9 +44,7 @@ def _module_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _pruned_rows(path: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Sparse-pruned linears: the kept weights are counted in the file, not trusted from JSON."""
-    import safetensors
 
-    from .serialization import WEIGHTS_NAME
 
     rows = []
     with safetensors.safe_open(f"{path}/{WEIGHTS_NAME}", framework="pt") as handle:
@@ -61,22 +75,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-    import dataclasses
 
-    from .config import CompressionConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionConfig) if f.name != "version"}
     return CompressionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    import shutil
-    from pathlib import Path
 
-    from .data import calibration_batches
-    from .engine import compress
-    from .loading import load_dense, resolve_device
-    from .serialization import save_compressed
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -101,7 +107,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len,
                                     "seed": args.seed}
     save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
-                    extra_files={"compression_report.json": report.to_json()})
+                    extra_files={"compression_report.json": report.to_json()}, report=report)
     shutil.rmtree(checkpoint, ignore_errors=True)
     print(report.table())
     print(f"saved to {out}")
@@ -117,24 +123,12 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return value
-
-
 def cmd_bench_layer(args: argparse.Namespace) -> int:
-    import torch
 
-    from .bench import bench_layers
-    from .loading import resolve_device
 
     device = str(resolve_device(args.device))
     m, n, r = args.out_features, args.in_features, args.rank
-    dtypes = [_torch_dtype(d) for d in args.dtypes]
+    dtypes = [parse_dtype(d) for d in args.dtypes]
     print(f"pifa bench layer: {m} x {n}, rank {r}, device {device}, threads {torch.get_num_threads()}, "
           f"FLOP ideal lowrank/pifa {(m + n) / max(m + n - r, 1):.3f}")
     rows = [row for dtype in dtypes for row in bench_layers(m, n, r, args.tokens, dtype, device, args.rounds,
@@ -145,9 +139,6 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    from .bench import bench_models, random_pivot_copy, synthetic_llama
-    from .loading import load_dense, resolve_device
-    from .serialization import load_compressed
 
     device = str(resolve_device(args.device))
     if args.compressed:
@@ -156,7 +147,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         dense, _ = load_dense(args.dense, args.dtype, device)
         models = {"dense": dense, "compressed": load_compressed(args.compressed, device=device, dtype=dense.dtype)}
     else:
-        dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, _torch_dtype(args.dtype), device)
+        dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, parse_dtype(args.dtype), device)
         models = {"dense": dense, f"pifa@{args.density}": random_pivot_copy(dense, args.density)}
     result = bench_models(models, args.batch, args.prefill, args.decode, device, args.rounds)
     print(f"pifa bench model: batch {args.batch}, prefill {args.prefill} tokens, decode {args.decode} tokens, "
@@ -167,19 +158,13 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def _load_any(path: str, device: str, dtype: str) -> tuple[Any, Any]:
     """A pifa output directory (load_compressed) or a dense model, with its tokenizer."""
-    from pathlib import Path
 
-    from .loading import load_dense, resolve_dtype
-    from .serialization import CONFIG_NAME, load_compressed
 
     if (Path(path) / CONFIG_NAME).is_file():
-        from transformers import AutoTokenizer
 
-        dtype_value = resolve_dtype(dtype)
+        dtype_value = parse_dtype(dtype, allow_auto=True)
         model = load_compressed(path, device=device, dtype=None if dtype_value == "auto" else dtype_value)
         return model, AutoTokenizer.from_pretrained(path)
     return load_dense(path, dtype, device)
@@ -190,8 +175,6 @@ def _is_causal_lm(model: Any) -> bool:
 
 
 def _perplexities(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from .data import load_texts
-    from .evaluate import perplexity_of_text
 
     if not _is_causal_lm(model):
         raise ValueError(f"--ppl needs a causal language model; {type(model).__name__} is an encoder")
@@ -207,11 +190,7 @@ def _perplexities(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[
 
 
 def _fidelity(model: Any, tokenizer: Any, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    import json
-    from pathlib import Path
 
-    from .evaluate import encoder_fidelity, mean_pooled_embeddings
-    from .loading import load_dense
 
     dense_path = args.dense
     report = Path(args.model) / "compression_report.json"
@@ -229,7 +208,6 @@ def _fidelity(model: Any, tokenizer: Any, args: argparse.Namespace, device: str)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .loading import resolve_device
 
     device = str(resolve_device(args.device))
     if not args.ppl and not args.tasks and args.sentences is None:
@@ -241,7 +219,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table([{k: r[k] for k in ("source", "ppl", "seq_len", "windows", "tokens", "dtype", "bos_handling")}
                             for r in result["perplexity"]]))
     if args.tasks:
-        from .zeroshot import zero_shot
 
         tasks = [t for t in args.tasks.split(",") if t]
         result["zero_shot"] = zero_shot(model, tokenizer, tasks, args.batch_size, args.limit, args.include_path)
@@ -254,7 +231,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .reporting import write_report
 
     path = write_report(args.results, args.out)
     print(path.read_text())

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import LowRankLinear, PivotLinear
-from .modules import find_blocks, is_linear, linear_shape, set_module
-from .ranks import rank_for_density
+from ..layers import LowRankLinear, PivotLinear
+from ..model import find_blocks, is_linear, linear_shape, set_module
+from ..budget import rank_for_density
 from .timing import interleaved_medians, sync
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Finding things in a model and swapping layers: the only module surgery of the pipeline."""
+"""Finding things in a model and swapping layers: the only module surgery of the pipeline, and the
+context managers that change a model's state (mode, cache, device, hooks) and restore it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import LowRankLinear, PivotLinear
+from .layers import is_compressed
 
 
 def _conv1d_type() -> type | None:
@@ -47,7 +48,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(block) for block in module}) != 1:
             continue
-        count = sum(is_linear(m) or isinstance(m, (LowRankLinear, PivotLinear)) for m in module.modules())
+        count = sum(is_linear(m) or is_compressed(m) for m in module.modules())
         if count and (best is None or count > best[0]):
             best = (count, name, module)
     if best is None:
@@ -86,33 +87,49 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def build_layer(kind: str, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None,
-                dtype: torch.dtype, pivot_method: str = "lu") -> nn.Module:
-    """A LowRankLinear or PivotLinear from float64 factors, cast to ``dtype``."""
-    bias = None if bias is None else bias.to(torch.float64)
-    if kind == "pivot":
-        layer = PivotLinear.from_factors(up, down, bias, method=pivot_method)
-    else:
-        layer = LowRankLinear.from_factors(up, down, bias)
-    return layer.to(dtype)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the block; restores the training flag afterwards, also on errors."""
+    was_training = model.training
+    try:
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager
 def inference_state(model: nn.Module) -> Iterator[None]:
     """Eval mode, no KV cache, no grad; restores mode and ``use_cache`` afterwards, also on errors."""
-    was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     try:
-        model.eval()
         if config is not None and use_cache is not None:
             config.use_cache = False
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             yield
     finally:
-        model.train(was_training)
         if config is not None and use_cache is not None:
             config.use_cache = use_cache
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); the CPU when it has none."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """``module`` moved to ``device`` for the block and back to where it was, also on errors."""
+    home = module_device(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,82 @@
-"""Where the density goes: per-module densities (uniform, attention/MLP split, OWL) and ranks."""
+"""The parameter budget: what each layer kind costs, the rank for a density, and where the density goes
+(uniform, attention/MLP split, OWL) down to per-module ranks. Pure maths over shapes and tensors."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
-from .ranks import RankKind, layer_parameters, rank_for_density
+from .validate import check_positive_int
+
+RankKind = Literal["pifa", "lowrank"]
+
+
+def check_density(density: float, name: str = "density") -> None:
+    """Raise ``ValueError`` unless 0 < density <= 1."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"{name} {density!r} is outside (0, 1]")
+
+
+def rank_kind(kind: str) -> RankKind:
+    """The cost model of a layer kind: "pifa" (also the file format's "pivot") or "lowrank"."""
+    if kind in ("pifa", "pivot"):
+        return "pifa"
+    if kind == "lowrank":
+        return "lowrank"
+    raise ValueError(f"unknown layer kind {kind!r}; choose 'pifa' or 'lowrank'")
+
+
+def layer_parameters(out_features: int, in_features: int, rank: int, kind: str) -> int:
+    """Weight parameters of a rank-``rank`` layer: r (m + n) for low-rank, r (m + n - r) for PIFA."""
+    if rank_kind(kind) == "lowrank":
+        return rank * (out_features + in_features)
+    return rank * (out_features + in_features - rank)
+
+
+def exact_rank(out_features: int, in_features: int, budget: float, kind: str) -> float:
+    """The real rank whose ``kind`` layer costs exactly ``budget`` parameters (the one rank formula).
+
+    low-rank: budget / (m + n); PIFA: the smaller root of r (m + n - r) = budget.
+    """
+    total = out_features + in_features
+    if rank_kind(kind) == "lowrank":
+        return budget / total
+    return (total - math.sqrt(max(total * total - 4 * budget, 0.0))) / 2
+
+
+def rank_for_density(
+    out_features: int, in_features: int, density: float, kind: str = "pifa", multiple_of: int = 1
+) -> int:
+    """Largest rank whose ``kind`` layer keeps at most ``density`` of the m x n weights.
+
+    low-rank: r = floor(rho m n / (m + n)); PIFA: the smaller root of r (m + n - r) = rho m n.
+    With ``multiple_of`` > 1 the rank is rounded down to a multiple of it.
+    Raises ``ValueError`` when not even one such rank fits.
+    """
+    check_density(density)
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"layer shape ({out_features}, {in_features}) must be positive")
+    check_positive_int(multiple_of, "multiple_of")
+    kind = rank_kind(kind)
+    m, n = out_features, in_features
+    budget = density * m * n
+    rank = min(math.floor(exact_rank(m, n, budget, kind)), m, n)
+    # Guard against floating-point floor errors at exact boundaries.
+    while rank > 0 and layer_parameters(m, n, rank, kind) > budget * (1 + 1e-12):
+        rank -= 1
+    while rank < min(m, n) and layer_parameters(m, n, rank + 1, kind) <= budget * (1 + 1e-12):
+        rank += 1
+    rank -= rank % multiple_of
+    if rank < 1:
+        raise ValueError(
+            f"density {density} is too small for a {m} x {n} layer: no {kind} rank"
+            + (f" that is a multiple of {multiple_of}" if multiple_of > 1 else "")
+            + " fits"
+        )
+    return rank
+
 
 Shape = tuple[int, int]
 
@@ -79,9 +149,4 @@ def allocate_ranks(
 
 def _fraction(shape: Shape, density: float, kind: RankKind, rank: int) -> float:
     m, n = shape
-    budget = density * m * n
-    if kind == "lowrank":
-        exact = budget / (m + n)
-    else:
-        exact = ((m + n) - math.sqrt(max((m + n) ** 2 - 4 * budget, 0.0))) / 2
-    return exact - rank
+    return exact_rank(m, n, density * m * n, kind) - rank

@@ -1,0 +1,314 @@
+"""``pifa.compress``: the block-by-block engine.
+
+data -> capture the first block's inputs -> per block: infer groups, collect statistics
+for each group, solve, swap layers -> propagate both streams -> next block.
+Only the current block sits on the compute device; activations wait on the CPU.
+What each method does comes from :data:`pifa.config.METHODS`; nothing here tests method names.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import solver, sparse
+from .budget import allocate_ranks, layer_parameters, outlier_ratio, owl_block_densities, split_densities
+from .capture import BlockInputs, capture_first_block, infer_groups, layer_inputs, record_inputs
+from .checkpoint import Checkpoint
+from .config import CompressionConfig
+from .faults import crash_point
+from .layers import build_layer
+from .model import find_blocks, inference_state, is_attention, linear_shape, linear_weight, on_device, set_module, target_linears
+from .report import CompressionReport, ModuleReport
+from .validate import check_positive_int
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the density goes: per-module ranks for low-rank methods, densities for sparse ones."""
+
+    ranks: dict[str, int] = field(default_factory=dict)
+    densities: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Streams:
+    """Block inputs per batch: the compressed stream, and the dense one when M needs it."""
+
+    inputs: list[BlockInputs]
+    compressed: list[torch.Tensor]
+    dense: list[torch.Tensor] | None
+
+    @classmethod
+    def start(cls, inputs: list[BlockInputs], two_streams: bool) -> "_Streams":
+        hidden = [i.hidden for i in inputs]
+        return cls(inputs, hidden, list(hidden) if two_streams else None)
+
+    def advance_compressed(self, block: nn.Module, device: torch.device, index: int) -> None:
+        self.compressed = [_checked(i.call(block, h, device), index).to("cpu", h.dtype)
+                           for i, h in zip(self.inputs, self.compressed)]
+
+    def advance_dense(self, block: nn.Module, device: torch.device, index: int, prefix: str,
+                      record: dict[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
+        """Run the dense block on the dense stream; returns the inputs ``record``'s linears saw, per batch."""
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in record}
+        outputs = []
+        for inputs, hidden in zip(self.inputs, self.dense or []):
+            with record_inputs(record) as batch_inputs:
+                output = inputs.call(block, hidden, device)
+            for name in record:
+                if not bool(torch.isfinite(batch_inputs[name]).all()):
+                    raise ValueError(f"non-finite activations at the input of {prefix}.{name} in block {index}")
+                seen[name].append(batch_inputs[name].to("cpu"))
+            outputs.append(_checked(output, index).to("cpu", hidden.dtype))
+        self.dense = outputs
+        return seen
+
+
+@dataclass
+class _Block:
+    """The block being compressed: its index, name prefix, targeted linears (by full name) and groups."""
+
+    index: int
+    prefix: str
+    module: nn.Module
+    linears: dict[str, nn.Module]
+    groups: list[list[str]] = field(default_factory=list)
+    dense_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def local(self, full: str) -> str:
+        return full.removeprefix(self.prefix + ".")
+
+
+@dataclass
+class _Run:
+    """What every block of one ``compress`` call shares."""
+
+    config: CompressionConfig
+    plan: Plan
+    streams: _Streams
+    device: torch.device
+    report: CompressionReport
+    bar: tqdm
+
+
+def _as_batches(calib: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    check_positive_int(batch_size, "batch_size")
+    if calib is None:
+        raise ValueError("calib must be a LongTensor [N, T] of token ids, got None")
+    batches = list(calib.split(batch_size)) if isinstance(calib, torch.Tensor) else list(calib)
+    if not batches or any(not isinstance(b, torch.Tensor) or b.dim() != 2 or b.dtype not in (torch.int64, torch.int32)
+                          or b.numel() == 0 for b in batches):
+        raise ValueError("calib must be a non-empty LongTensor [N, T] or an iterable of such batches")
+    return batches
+
+
+def _check_vocabulary(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    high = max(int(b.max()) for b in batches)
+    low = min(int(b.min()) for b in batches)
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        raise ValueError(f"calibration token ids span [{low}, {high}], outside the model's vocabulary of {vocab}")
+
+
+def _checked(hidden: torch.Tensor, index: int) -> torch.Tensor:
+    if not bool(torch.isfinite(hidden).all()):
+        raise ValueError(f"non-finite activations at the output of block {index}")
+    return hidden
+
+
+def compress(
+    model: nn.Module,
+    config: CompressionConfig,
+    calib: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place; returns the per-module report.
+
+    ``calib`` is a LongTensor [N, T] of token ids (or an iterable of such batches).
+    With ``checkpoint_dir``, every finished block is saved there and a later call with the
+    same arguments resumes after the last finished block, producing identical tensors.
+    """
+    start = time.perf_counter()
+    if not isinstance(config, CompressionConfig):
+        raise ValueError(f"config must be a pifa.CompressionConfig, got {type(config).__name__}")
+    batches = _as_batches(calib, batch_size)
+    _check_vocabulary(model, batches)
+    blocks_name, blocks = find_blocks(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    targets = [target_linears(b, f"{blocks_name}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)]
+    if not any(targets):
+        raise ValueError(f"no linear in {blocks_name} matches targets {config.targets} minus ignore {config.ignore}")
+    checkpoint = Checkpoint.open(checkpoint_dir, config, batches, model) if checkpoint_dir else None
+    report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
+    with inference_state(model):
+        with report.stage("capture"):
+            streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), config.spec.reconstruct)
+        with report.stage("allocate"):
+            plan = _plan(config, blocks, targets, streams, device)
+        bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
+        run = _Run(config, plan, streams, device, report, bar)
+        for index, module in bar:
+            block = _Block(index, f"{blocks_name}.{index}", module, targets[index])
+            with on_device(module, device):
+                _run_block(run, block, checkpoint)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
+    """Compress (or restore) one block, then move both streams past it."""
+    resumed = checkpoint is not None and checkpoint.has_block(block.index)
+    if block.linears and not resumed:
+        for name, module in block.linears.items():
+            _finite_weight(module, name)
+        local = {block.local(n): m for n, m in block.linears.items()}
+        block.groups = infer_groups(block.module, local, run.streams.inputs[0], run.device)
+    if run.streams.dense is not None:
+        run.bar.set_postfix(stage="dense stream")
+        with run.report.stage("propagate"):
+            dense = copy.deepcopy(block.module)
+            record = {} if resumed else {g[0]: dense.get_submodule(g[0]) for g in block.groups}
+            block.dense_inputs = run.streams.advance_dense(dense, run.device, block.index, block.prefix, record)
+            del dense
+    if resumed:
+        run.report.modules += checkpoint.restore_block(block.index, block.module, block.prefix)
+    else:
+        run.report.modules += _compress_block(run, block)
+        if checkpoint is not None:
+            checkpoint.save_block(block.index, block.module, block.prefix, run.report.modules)
+    run.bar.set_postfix(stage="propagate")
+    with run.report.stage("propagate"):
+        run.streams.advance_compressed(block.module, run.device, block.index)
+
+
+def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
+          streams: _Streams, device: torch.device) -> Plan:
+    """Per module: its rank (low-rank methods) or its density (sparse methods)."""
+    shapes = {name: linear_shape(m) for t in targets for name, m in t.items()}
+    if config.nm is not None:
+        return Plan(densities={name: config.density for name in shapes})
+    densities = split_densities(shapes, {n: is_attention(n) for n in shapes}, config.density, config.attn_density)
+    if config.allocation == "owl":
+        scale = _owl_scales(config, blocks, targets, streams, device)
+        densities = {name: min(1.0, d * scale[name]) for name, d in densities.items()}
+    if not config.spec.low_rank:
+        return Plan(densities=densities)
+    return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))
+
+
+def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
+                streams: _Streams, device: torch.device) -> dict[str, float]:
+    """OWL: per-block density multipliers from a dense pass over the calibration data."""
+    hidden = list(streams.compressed)
+    ratios, params = [], []
+    for index, (block, linears) in enumerate(zip(blocks, targets)):
+        with on_device(block, device):
+            norms = {name: 0.0 for name in linears}
+            for inputs, h in zip(streams.inputs, hidden):
+                for name, module in linears.items():
+                    x = layer_inputs(block, module, inputs, h, device).double()
+                    norms[name] = norms[name] + x.square().sum(0)
+            weights = [linear_weight(m) for m in linears.values()]
+            ratios.append(outlier_ratio(weights, [norms[n].sqrt() for n in linears], config.owl_threshold))
+            params.append(sum(w.numel() for w in weights))
+            hidden = [_checked(i.call(block, h, device), index).to("cpu", h.dtype)
+                      for i, h in zip(streams.inputs, hidden)]
+    block_density = owl_block_densities(ratios, params, config.density, config.owl_lambda)
+    logger.info("OWL outlier ratios %s -> block densities %s", ratios, block_density)
+    return {name: block_density[i] / config.density for i, t in enumerate(targets) for name in t}
+
+
+def _group_statistics(run: _Run, block: _Block, first: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """G = sum x~ x~^T and (for M) H = sum x x~^T over the calibration tokens, float64 (n, n)."""
+    module = block.module.get_submodule(first)
+    dense_inputs = block.dense_inputs.get(first)
+    g = h = None
+    for b, inputs in enumerate(run.streams.inputs):
+        x_c = layer_inputs(block.module, module, inputs, run.streams.compressed[b], run.device)
+        if not bool(torch.isfinite(x_c).all()):
+            raise ValueError(f"non-finite activations at the input of {block.prefix}.{first} in block {block.index}")
+        xf = x_c.float()
+        g = (xf.T @ xf).double() if g is None else g.add_((xf.T @ xf).double())
+        if dense_inputs is not None:
+            x_d = dense_inputs[b].to(run.device).float()
+            h = (x_d.T @ xf).double() if h is None else h.add_((x_d.T @ xf).double())
+    return g, h
+
+
+def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:
+    reports: list[ModuleReport] = []
+    spec = run.config.spec
+    for group in block.groups:
+        run.bar.set_postfix(stage=f"statistics {group[0]}")
+        with run.report.stage("statistics"):
+            g, h = _group_statistics(run, block, group[0])
+        block.dense_inputs.pop(group[0], None)
+        run.bar.set_postfix(stage=f"solve {group[0]}")
+        if not spec.low_rank:
+            reports += [_prune_linear(run, block, name, g) for name in group]
+            continue
+        with run.report.stage("whitening"):
+            chol = solver.whitening(g, run.config.damping) if spec.whiten else None
+        reports += [_solve_linear(run, block, name, g, h, chol) for name in group]
+        del g, h, chol
+        crash_point(f"block:{block.index}:group")
+    return reports
+
+
+def _finite_weight(module: nn.Module, full: str) -> torch.Tensor:
+    weight = linear_weight(module)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"non-finite weights (NaN or Inf) in {full}")
+    return weight
+
+
+def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torch.Tensor | None,
+                  chol: torch.Tensor | None) -> ModuleReport:
+    config, report, full = run.config, run.report, f"{block.prefix}.{local}"
+    module = block.module.get_submodule(local)
+    weight = _finite_weight(module, full)
+    rank = run.plan.ranks[full]
+    with report.stage("truncate"):
+        up, down = solver.truncate(weight, chol, rank)
+    if config.spec.reconstruct and h is not None:
+        with report.stage("m-reconstruct"):
+            try:
+                up, down = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps, config.ridge)
+            except solver.SingularSystem:
+                logger.warning("%s: singular M system (rank-deficient layer); keeping the whitened truncation", full)
+    bias = None if getattr(module, "bias", None) is None else module.bias.detach()
+    with report.stage("pifa" if config.layer_kind == "pivot" else "swap"):
+        layer = build_layer(config.layer_kind, up, down, bias, weight.dtype, config.pivot_method).to(weight.device)
+    set_module(block.module, local, layer)
+    m, n = weight.shape
+    return ModuleReport(full, config.layer_kind, m, n, rank, m * n, layer_parameters(m, n, rank, config.layer_kind),
+                        solver.output_error(weight, up @ down, g))
+
+
+def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> ModuleReport:
+    """Sparse baselines: zeros written into the layer's own weight (nn.Linear or Conv1D)."""
+    config, full = run.config, f"{block.prefix}.{local}"
+    module = block.module.get_submodule(local)
+    weight = _finite_weight(module, full)
+    with run.report.stage("prune"):
+        pruned = sparse.prune(config.spec.sparse_rule, weight, g.to(weight.device), run.plan.densities[full],
+                              config.nm)
+    with torch.no_grad():
+        module.weight.copy_(pruned if isinstance(module, nn.Linear) else pruned.T)
+    m, n = weight.shape
+    return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)),
+                        solver.output_error(weight, pruned, g))

@@ -1,0 +1,193 @@
+"""Load pifa checkpoints with plain ``transformers.AutoModel*.from_pretrained``.
+
+``save_compressed`` writes, next to ``pifa_config.json``, a ``quantization_config`` block into
+``config.json``::
+
+    "quantization_config": {"quant_method": "pifa", "format_version": 1, "library_version": "0.1.0",
+                            "modules": {"model.layers.0.self_attn.q_proj":
+                                        {"kind": "pivot", "in_features": 64, "out_features": 64,
+                                         "rank": 16, "bias": false}, ...}}
+
+This module defines the quantization method ``"pifa"`` for transformers' public plugin API
+(``register_quantization_config`` / ``register_quantizer``): the quantizer swaps the listed
+linears for empty :class:`~pifa.PivotLinear` / :class:`~pifa.LowRankLinear` on the meta device
+before transformers loads the safetensors weights, and rebuilds ``PivotLinear``'s derived index
+buffers afterwards. No ``trust_remote_code``, no pickle.
+
+transformers has no entry-point discovery for quantizers: :func:`register` adds pifa's, and
+``import pifa`` calls it (a plain, visible call; importing this module alone changes nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import auto
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ._version import __version__
+from .format import FORMAT_VERSION, HF_CONFIG_NAME, QUANT_METHOD, check_entry, compressed_modules
+from .io import replace_with_compressed_layers
+from .layers import PivotLinear, is_compressed
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = f"{HF_CONFIG_NAME} quantization_config"
+__all__ = ["PifaHfQuantizer", "PifaQuantizationConfig", "register"]
+
+
+class PifaQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a pifa checkpoint: which linears are compressed, and how.
+
+    ``modules`` maps qualified module names to ``{"kind": "pivot"|"lowrank", "in_features",
+    "out_features", "rank", "bias"}``, exactly as in ``pifa_config.json``.
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        library_version: str | None = None,
+        **kwargs: Any,  # quant_method, and fields a newer pifa may add
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.library_version = library_version or __version__
+        self.modules = dict(modules or {})
+        self.post_init()
+
+    def post_init(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"unknown pifa {_SOURCE} format_version {self.format_version!r} "
+                f"(this pifa reads {FORMAT_VERSION})"
+            )
+        for name, entry in self.modules.items():
+            check_entry(name, entry, _SOURCE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "library_version": self.library_version,
+            "modules": {name: dict(entry) for name, entry in self.modules.items()},
+        }
+
+class PifaHfQuantizer(HfQuantizer):
+    """Builds the compressed layers of a pifa checkpoint inside ``from_pretrained``.
+
+    Nothing is quantized on the fly: the checkpoint must come from ``pifa.save_compressed``
+    (``requires_calibration``). The layers hold ordinary float parameters (plus the int64
+    ``pivot_index`` buffer), so the model can be fine-tuned, compiled and saved again.
+    """
+
+    requires_calibration = True
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        # The model is on the meta device, built in the load dtype: each compressed layer
+        # takes the dtype and device of the linear it replaces.
+        self.replaced = replace_with_compressed_layers(model, self.quantization_config.modules, source=_SOURCE)
+        _tolerate_compressed_children(model)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        # transformers 5 sets the loaded tensors directly (no _load_from_state_dict) and leaves
+        # the non-persistent buffers uninitialised: rebuild them from the loaded pivot_index.
+        _restore_init_weights(model)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if not isinstance(module, PivotLinear):
+                    continue
+                if module.pivot_index.device.type == "meta":  # offloaded to disk with offload_buffers=True
+                    raise ValueError(
+                        f"pifa: the pivot_index buffer of {name!r} was offloaded to disk; its derived "
+                        "index buffers cannot be rebuilt. Load with offload_buffers=False (the default)."
+                    )
+                module._refresh_index()
+        return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module, *args: Any, **kwargs: Any) -> tuple[None, dict]:
+        # save_pretrained: describe the layers the model has now (it may have changed since loading).
+        self.quantization_config.modules = compressed_modules(model)
+        self.quantization_config.library_version = __version__
+        model.config.quantization_config = self.quantization_config
+        return None, {}
+
+    def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
+        """Replace every compressed layer by the equivalent dense ``nn.Linear``."""
+        for name, module in list(model.named_modules()):
+            if is_compressed(module):
+                linear = module.to_linear()
+                if isinstance(dtype, torch.dtype):
+                    linear = linear.to(dtype)
+                model.set_submodule(name, linear)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True  # the compressed factors are plain parameters: training needs no adapter
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+class _TolerantInit:
+    """A model's ``_init_weights`` that lets a module with compressed children go.
+
+    transformers runs ``_init_weights`` on every module after loading (the loaded tensors are
+    guarded); some models reach into children there, e.g. GPT-2's ``module.c_proj.weight``,
+    which a compressed layer does not have. Those children were loaded from the checkpoint.
+    """
+
+    def __init__(self, init_weights: Any) -> None:
+        self.init_weights = init_weights
+
+    def __call__(self, module: nn.Module) -> None:
+        try:
+            self.init_weights(module)
+        except AttributeError:
+            if not any(is_compressed(child) for child in module.children()):
+                raise
+            logger.debug("skipped the rest of _init_weights on %s (compressed children)", type(module).__name__)
+
+
+def _tolerate_compressed_children(model: nn.Module) -> None:
+    for module in model.modules():  # the model and every sub-model (each has its own _init_weights)
+        if hasattr(module, "_initialize_weights") and "_init_weights" not in vars(module):
+            module._init_weights = _TolerantInit(module._init_weights)
+
+
+def _restore_init_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(vars(module).get("_init_weights"), _TolerantInit):
+            del module._init_weights
+
+
+def register() -> None:
+    """Register the ``"pifa"`` quantization method with transformers (idempotent)."""
+    for mapping, cls, registrar in (
+        (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, PifaQuantizationConfig, auto.register_quantization_config),
+        (auto.AUTO_QUANTIZER_MAPPING, PifaHfQuantizer, auto.register_quantizer),
+    ):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is cls:
+            continue
+        if existing is not None and getattr(existing, "__module__", None) != __name__:
+            raise RuntimeError(f"transformers already has a quantization method {QUANT_METHOD!r}: {existing!r}")
+        mapping.pop(QUANT_METHOD, None)  # ours from an earlier (reloaded) copy of this module
+        registrar(QUANT_METHOD)(cls)

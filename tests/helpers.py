@@ -1,0 +1,81 @@
+"""Test helpers: tiny randomly initialised Hugging Face models built offline from configs, a character
+tokenizer, and dense model folders for the CLI tests. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+def char_tokenizer(model_max_length: int = 16) -> transformers.PreTrainedTokenizerFast:
+    """A character-level WordLevel tokenizer, one id per character, built offline."""
+    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(ALPHABET)}, "[EOS]": len(ALPHABET) + 1}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", eos_token="[EOS]", model_max_length=model_max_length)
+
+
+COMMON = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
+    "llama-tied": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=False),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
+}
+
+# The pipeline's model matrix: the four above plus other layouts (Conv1D, fused qkv, encoders).
+MATRIX_CONFIGS = {
+    **TINY_CONFIGS,
+    "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=8),
+    "phi3": lambda: transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64),
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny model of architecture ``name`` with random weights (eval mode); BERT is an encoder."""
+    torch.manual_seed(seed)
+    config = MATRIX_CONFIGS[name]()
+    auto = transformers.AutoModel if name == "bert" else transformers.AutoModelForCausalLM
+    return auto.from_config(config).eval()
+
+
+def model_output(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+CALIB_TEXT = "the quick brown fox jumps over the lazy dog, again and again.\n\n" * 40
+
+
+def make_dense_dir(root, name: str = "llama"):
+    """A tiny dense model directory (safetensors + tokenizer) and a calib.txt beside it."""
+    model = tiny_model(name)
+    model.save_pretrained(root / "dense")
+    char_tokenizer(64).save_pretrained(root / "dense")
+    (root / "calib.txt").write_text(CALIB_TEXT)
+    return root / "dense"
+
+
+def compress_argv(dense_dir, out, *extra):
+    """`pifa compress` arguments for a directory made by ``make_dense_dir``."""
+    calib = dense_dir.parent / "calib.txt"
+    return ["compress", str(dense_dir), str(out), "--calib", str(calib), "--samples", "4", "--seq-len", "16",
+            "--device", "cpu", *extra]
