@@ -1,0 +1,252 @@
+"""GGUF model input: find a ``.gguf`` file and load it, dequantized, as an ordinary transformers model.
+
+A GGUF file (llama.cpp's format) holds the weights, often block-quantized, the model's hyper-parameters
+and its tokenizer (vocabulary, merges, special tokens, chat template). transformers reads all of it with
+``from_pretrained(folder, gguf_file=name)``; this module finds the file, asks transformers for a *dense*
+model in the requested dtype, and removes every trace of the GGUF quantization, so that the model
+saves, compresses and reloads like one read from safetensors.
+
+Needs the optional packages ``gguf`` and ``accelerate`` (``pip install gguf accelerate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+GGUF_SUFFIX = ".gguf"
+GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)
+# metadata value types of fixed size -> bytes (u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64); 8 string, 9 array
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_STRING = 1 << 26  # a longer metadata string means a corrupt length field
+# model attributes transformers sets on a quantized model; none of them may survive a dequantized load
+_QUANT_ATTRIBUTES = ("hf_quantizer", "quantization_method")
+
+
+def find_gguf(path: str | Path) -> tuple[Path, str] | None:
+    """Where the GGUF input named by ``path`` is, as ``(folder, file name)``; ``None`` when it is not GGUF input.
+
+    A ``.gguf`` file is itself; a folder holding exactly one ``.gguf`` file (and no ``config.json`` with
+    safetensors weights, which make it an ordinary model folder) is that file. A folder holding several
+    ``.gguf`` files is ambiguous: ``ValueError``. Anything else (a model folder, a missing path, a hub id)
+    gives ``None``, so the caller goes on with its own loading and its own errors.
+    """
+    path = Path(path)
+    if path.is_file():
+        return (path.parent, path.name) if path.suffix.lower() == GGUF_SUFFIX else None
+    if not path.is_dir():
+        return None
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return None
+    names = sorted(p.name for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX and p.is_file())
+    if len(names) > 1:
+        raise ValueError(
+            f"model folder {str(path)!r} holds {len(names)} GGUF files ({', '.join(names)}); name one of them")
+    return (path, names[0]) if names else None
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError("file ends inside the GGUF header")
+    return data
+
+
+def _read_string(stream: BinaryIO) -> str:
+    (length,) = struct.unpack("<Q", _read_exact(stream, 8))
+    if length > _MAX_STRING:
+        raise EOFError(f"metadata string of {length} bytes")
+    return _read_exact(stream, length).decode("utf-8")
+
+
+def _skip_value(stream: BinaryIO, value_type: int) -> None:
+    """Move past one metadata value of ``value_type`` without decoding it."""
+    if value_type in _SCALAR_BYTES:
+        _read_exact(stream, _SCALAR_BYTES[value_type])
+    elif value_type == 8:
+        _read_string(stream)
+    elif value_type == 9:
+        element_type, count = struct.unpack("<IQ", _read_exact(stream, 12))
+        if element_type in _SCALAR_BYTES:
+            _read_exact(stream, _SCALAR_BYTES[element_type] * count)
+        else:
+            for _ in range(count):
+                _skip_value(stream, element_type)
+    else:
+        raise EOFError(f"unknown metadata value type {value_type}")
+
+
+def gguf_architecture(file: str | Path) -> str:
+    """The ``general.architecture`` a GGUF file declares (e.g. ``"llama"``), read from its header alone.
+
+    Cheap: stops at that key, which llama.cpp writes first. A file that is not GGUF, or whose header
+    is cut short or garbled, is a one-line ``ValueError``.
+    """
+    file = Path(file)
+    try:
+        with file.open("rb") as stream:
+            if stream.read(4) != GGUF_MAGIC:
+                raise ValueError(f"{str(file)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
+            version, _tensor_count, kv_count = struct.unpack("<IQQ", _read_exact(stream, 20))
+            if version not in _GGUF_VERSIONS:
+                raise ValueError(f"{str(file)!r} is GGUF version {version}; only versions 2 and 3 can be read")
+            for _ in range(kv_count):
+                key = _read_string(stream)
+                (value_type,) = struct.unpack("<I", _read_exact(stream, 4))
+                if key == "general.architecture" and value_type == 8:
+                    return _read_string(stream)
+                _skip_value(stream, value_type)
+    except (EOFError, struct.error, UnicodeDecodeError, OSError) as exc:
+        raise ValueError(f"GGUF file {str(file)!r} is corrupt or unreadable ({exc})") from None
+    raise ValueError(f"GGUF file {str(file)!r} declares no general.architecture")
+
+
+def require_gguf_support() -> None:
+    """One-line ``ValueError`` unless the optional packages transformers needs for GGUF are installed."""
+    for package in ("gguf", "accelerate"):
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a None entry in sys.modules, or a broken install
+            found = False
+        if not found:
+            raise ValueError(f"reading GGUF files needs the {package!r} package: pip install {package}")
+
+
+def _resolve(dtype: torch.dtype | str | None, device: torch.device | str | None) -> tuple[torch.dtype, torch.device]:
+    """The load dtype ("auto" -> float32: a GGUF's blocks have no native torch dtype) and device."""
+    if dtype in (None, "auto"):
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError("unknown dtype; use auto, float32, bfloat16 or float16")
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dtype, torch.device(device)
+
+
+def strip_gguf_traces(model: nn.Module, gguf_file: str | Path) -> None:
+    """Make a dense model read from a GGUF indistinguishable from one read from safetensors.
+
+    Drops the GGUF ``quantization_config``, the quantizer transformers attached, the quantized flags,
+    the GGUF ``general.name`` (stored as a stray ``_model_name_or_path`` config key) and the GGUF weight
+    conversions; records the file as ``config.name_or_path`` (never written to ``config.json``).
+    """
+    for attribute in _QUANT_ATTRIBUTES:
+        if attribute in vars(model):
+            delattr(model, attribute)
+    if vars(model).get("is_quantized"):
+        model.is_quantized = False
+    if getattr(model, "_weight_conversions", None) is not None:
+        model._weight_conversions = None
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            continue
+        for key in ("quantization_config", "_model_name_or_path"):
+            if key in config.__dict__:
+                delattr(config, key)
+        if getattr(config, "_is_quantized", False):
+            config._is_quantized = False
+    model.config.name_or_path = str(gguf_file)
+
+
+def _tokenizer_without_gguf(tokenizer: Any, gguf_file: str | Path) -> Any:
+    """Forget the GGUF file in the tokenizer's init kwargs, so ``save_pretrained`` does not write it;
+    name the file as ``name_or_path`` (as the model's config does)."""
+    for key in ("gguf_file", "vocab_file"):
+        value = tokenizer.init_kwargs.get(key)
+        if isinstance(value, str) and value.lower().endswith(GGUF_SUFFIX):
+            del tokenizer.init_kwargs[key]
+    tokenizer.name_or_path = str(gguf_file)
+    return tokenizer
+
+
+def _check_complete(info: dict[str, Any], file: Path) -> None:
+    """One-line ``ValueError`` when the GGUF lacks weights the model needs or holds ones of the wrong shape:
+    transformers would otherwise fill them with random values and only log a report."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(entry[0]) if isinstance(entry, (tuple, list)) else str(entry)
+                        for entry in info.get("mismatched_keys") or ())
+    for problem, keys in (("lacks weights the model needs", missing), ("holds weights of the wrong shape", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ValueError(f"GGUF file {str(file)!r} {problem}: {shown}")
+
+
+@contextlib.contextmanager
+def _memoized_tensor_name_map() -> Iterator[None]:
+    """Build gguf's GGUF -> HF tensor-name table once per load instead of once per submodule.
+
+    transformers' GGUF reader (``get_gguf_hf_weights_map``) rebuilds the same table for each of the
+    model's submodules: about 400 times, over half the load time of a 30-layer model. The table only
+    depends on (architecture, block count) and is only read, so a cache is exact. A no-op when the
+    ``gguf`` package has no such function.
+    """
+    import gguf
+
+    original = getattr(gguf, "get_tensor_name_map", None)
+    if original is None:
+        yield
+        return
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | str | None = "auto",
+              device: torch.device | str | None = "cpu") -> tuple[nn.Module, Any]:
+    """A dense causal LM and its tokenizer (chat template included) from a GGUF file or a folder holding one.
+
+    Every quantized tensor is dequantized to ``dtype`` ("auto" -> float32); the model is in eval mode on
+    ``device`` and carries no GGUF trace (see ``strip_gguf_traces``). Remote code is never run. Errors
+    (not GGUF input, ``gguf`` missing, an architecture transformers cannot read, a corrupt file) are
+    one-line ``ValueError``.
+    """
+    import transformers
+
+    located = find_gguf(path)
+    if located is None:
+        raise ValueError(f"{str(path)!r} is not a GGUF file nor a folder holding one")
+    folder, name = located
+    file = folder / name
+    dtype, device = _resolve(dtype, device)
+    require_gguf_support()
+    architecture = gguf_architecture(file)
+    # transformers >= 5 may keep the blocks packed (GgufLinear); ask for plain dense weights. Older
+    # versions have no GgufConfig and always dequantize.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
+    try:
+        with _memoized_tensor_name_map():
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(folder), gguf_file=name, dtype=dtype, trust_remote_code=False, output_loading_info=True, **dense)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 -- a corrupt file fails deep inside numpy/struct in many ways
+        message = _one_line(exc)
+        if not isinstance(exc, (ValueError, OSError)):
+            message = f"{'struct.error' if isinstance(exc, struct.error) else type(exc).__name__}: {message}"
+        if isinstance(exc, NotImplementedError) or "not supported" in message or "Unrecognized config" in message:
+            raise ValueError(
+                f"transformers {transformers.__version__} cannot read GGUF architecture {architecture!r} "
+                f"({str(file)!r}): {message}") from None
+        raise ValueError(f"could not load GGUF file {str(file)!r} (architecture {architecture!r}; truncated or "
+                         f"corrupt?): {message}") from None
+    _check_complete(info, file)
+    strip_gguf_traces(model, file)
+    return model.to(device=device, dtype=dtype).eval(), _tokenizer_without_gguf(tokenizer, file)
