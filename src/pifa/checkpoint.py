@@ -15,12 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
 from .config import CompressionConfig
-from .format import compressed_modules
+from .format import check_entry, compressed_modules
+from .io import write_safetensors
 from .layers import LAYER_KINDS
 from .model import set_module
 from .report import ModuleReport
@@ -66,7 +68,14 @@ class Checkpoint:
         expected = {"config": config.to_dict(), "calibration": fingerprint(batches), "model": model_fingerprint(model)}
         progress = directory / PROGRESS
         if progress.exists():
-            state = json.loads(progress.read_text())
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise ValueError(f"checkpoint {str(directory)!r} is unreadable ({PROGRESS}: {exc}); "
+                                 "run without --resume to start afresh") from None
+            if not isinstance(state, dict) or not isinstance(state.get("blocks"), dict):
+                raise ValueError(f"checkpoint {str(directory)!r} is corrupt ({PROGRESS} has no 'blocks' table); "
+                                 "run without --resume to start afresh")
             if {k: state.get(k) for k in expected} != expected:
                 raise ValueError(f"checkpoint {str(directory)!r} was written for another model, config or calibration data")
             return cls(directory, state)
@@ -78,7 +87,7 @@ class Checkpoint:
     def save_block(self, index: int, block: nn.Module, prefix: str, reports: list[ModuleReport]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f"block_{index:04d}.safetensors.tmp"
-        safetensors.torch.save_model(block, str(tmp))
+        write_safetensors(block, tmp)
         os.replace(tmp, self.directory / f"block_{index:04d}.safetensors")
         specs = compressed_modules(block)
         mine = [asdict(r) for r in reports if r.name.startswith(prefix + ".")]
@@ -88,11 +97,17 @@ class Checkpoint:
     def restore_block(self, index: int, block: nn.Module, prefix: str) -> list[ModuleReport]:
         """Swap the saved compressed layers into ``block`` and load its tensors."""
         entry = self.state["blocks"][str(index)]
+        file = self.directory / f"block_{index:04d}.safetensors"
         param = next(block.parameters())
-        for local, spec in entry["modules"].items():
-            layer = LAYER_KINDS[spec["kind"]](spec["in_features"], spec["out_features"], spec["rank"],
-                                             bias=spec["bias"], device=param.device, dtype=param.dtype)
-            set_module(block, local, layer)
-        safetensors.torch.load_model(block, str(self.directory / f"block_{index:04d}.safetensors"),
-                                     strict=True, device=str(param.device))
-        return [ModuleReport(**r) for r in entry["reports"]]
+        try:
+            for local, spec in entry["modules"].items():
+                check_entry(local, spec, f"checkpoint {PROGRESS}")
+                layer = LAYER_KINDS[spec["kind"]](spec["in_features"], spec["out_features"], spec["rank"],
+                                                 bias=spec["bias"], device=param.device, dtype=param.dtype)
+                set_module(block, local, layer)
+            safetensors.torch.load_model(block, str(file), strict=True, device=str(param.device))
+            return [ModuleReport(**r) for r in entry["reports"]]
+        except (KeyError, TypeError, AttributeError, RuntimeError, safetensors.SafetensorError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"checkpoint {str(self.directory)!r} is corrupt (block {index}: {first}); "
+                             "run without --resume to start afresh") from None

@@ -19,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import solver, sparse
-from .budget import allocate_ranks, layer_parameters, outlier_ratio, owl_block_densities, split_densities
+from .budget import (
+    allocate_ranks, layer_parameters, outlier_ratio, owl_block_densities, spectrum_ranks, split_densities,
+)
 from .capture import BlockInputs, capture_first_block, infer_groups, layer_inputs, record_inputs
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
@@ -38,6 +40,7 @@ class Plan:
 
     ranks: dict[str, int] = field(default_factory=dict)
     densities: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # what chose each rank (spectrum: discarded energy)
 
 
 @dataclass
@@ -207,7 +210,37 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
         densities = {name: min(1.0, d * scale[name]) for name, d in densities.items()}
     if not config.spec.low_rank:
         return Plan(densities=densities)
+    if config.allocation == "spectrum":
+        spectra = _dense_spectra(config, blocks, targets, streams, device)
+        pools = {n: ("attention" if is_attention(n) else "mlp") if config.attn_density is not None else "all"
+                 for n in shapes}
+        ranks, scores = spectrum_ranks(shapes, spectra, densities, config.layer_kind, config.rank_multiple_of,
+                                       pools=pools)
+        return Plan(ranks=ranks, scores=scores)
     return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))
+
+
+def _dense_spectra(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
+                   streams: _Streams, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every targeted linear's singular values of W L (L L^T = its dense input statistics; L = I without
+    whitening), from one dense pass over the calibration data."""
+    hidden = list(streams.compressed)
+    spectra: dict[str, torch.Tensor] = {}
+    for index, (block, linears) in enumerate(tqdm(list(zip(blocks, targets)), desc="pifa allocate", unit="block")):
+        with on_device(block, device):
+            grams: dict[str, torch.Tensor] = {}
+            outputs = []
+            for inputs, h in zip(streams.inputs, hidden):
+                with record_inputs(linears) as seen:
+                    outputs.append(_checked(inputs.call(block, h, device), index).to("cpu", h.dtype))
+                for name, x in seen.items():
+                    xf = x.float()
+                    grams[name] = grams[name] + (xf.T @ xf).double() if name in grams else (xf.T @ xf).double()
+            hidden = outputs
+            for name, module in linears.items():
+                chol = solver.whitening(grams[name], config.damping) if config.spec.whiten else None
+                spectra[name] = solver.singular_values(_finite_weight(module, name), chol)
+    return spectra
 
 
 def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
@@ -296,7 +329,7 @@ def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torc
     set_module(block.module, local, layer)
     m, n = weight.shape
     return ModuleReport(full, config.layer_kind, m, n, rank, m * n, layer_parameters(m, n, rank, config.layer_kind),
-                        solver.output_error(weight, up @ down, g))
+                        solver.output_error(weight, up @ down, g), run.plan.scores.get(full))
 
 
 def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> ModuleReport:

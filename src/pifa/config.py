@@ -9,7 +9,7 @@ from typing import Any
 from .budget import check_density
 from .sparse import RULES as SPARSE_RULES
 from .sparse import parse_pattern, resolve_density
-from .validate import check_positive_int
+from .validate import check_finite_number, check_positive_int
 
 CONFIG_VERSION = 1
 
@@ -43,7 +43,7 @@ METHODS: dict[str, Method] = {
 }
 LOW_RANK_METHODS = tuple(name for name, method in METHODS.items() if method.low_rank)
 SPARSE_METHODS = tuple(name for name, method in METHODS.items() if not method.low_rank)
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "spectrum")
 PIVOT_METHODS = ("lu", "qr")
 DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
 
@@ -62,7 +62,8 @@ class CompressionConfig:
             M reconstruction), "mpifa" (M, then PIFA re-encoding; the default).
         attn_density: optional density of the attention linears; the MLP density is
             then solved so that the total hits ``density``.
-        allocation: "uniform" or "owl" (outlier-aware, per block).
+        allocation: "uniform", "owl" (outlier-aware, per block) or "spectrum" (per-linear ranks that
+            minimise the summed discarded whitened energy within the budget; low-rank methods only).
         owl_threshold, owl_lambda: OWL's outlier multiple M and density spread l.
         mix: the M target's weight on the dense stream (lambda).
         als_steps: alternating least-squares steps of M.
@@ -81,7 +82,8 @@ class CompressionConfig:
                                   "sparse baselines: magnitude | wanda | sparsegpt | ria")
     pattern: str = _field("unstructured", "sparse methods: unstructured, or N:M such as 2:4 or 4:8")
     attn_density: float | None = _field(None, "attention density; the MLP density is solved to hit --density")
-    allocation: str = _field("uniform", "uniform, or owl (outlier-aware per block)")
+    allocation: str = _field("uniform", "uniform, owl (outlier-aware per block) or spectrum (per-linear ranks from "
+                                        "the whitened spectra of the dense model; low-rank methods)")
     owl_threshold: float = _field(5.0, "OWL: a score is an outlier above this multiple of the mean")
     owl_lambda: float = _field(0.08, "OWL: block densities spread over density +- this")
     mix: float = _field(0.25, "M: weight of the dense stream in the target")
@@ -108,6 +110,9 @@ class CompressionConfig:
         if self.attn_density is not None:
             check_density(self.attn_density, "attn_density")
         _choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation == "spectrum" and not self.spec.low_rank:
+            raise ValueError(f"allocation 'spectrum' chooses ranks: it needs a low-rank method "
+                             f"({', '.join(LOW_RANK_METHODS)}), not {self.method!r}")
         _choice("pivot_method", self.pivot_method, PIVOT_METHODS)
         if not 0 <= self.mix <= 1:
             raise ValueError(f"mix {self.mix!r} is outside [0, 1]")
@@ -116,6 +121,17 @@ class CompressionConfig:
         for name in ("ridge", "damping", "owl_lambda", "owl_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be >= 0")
+        for name in ("mix", "ridge", "damping", "owl_lambda", "owl_threshold"):
+            check_finite_number(getattr(self, name), name)
+        if self.nm is not None and (self.attn_density is not None or self.allocation != "uniform"):
+            option = "attn_density" if self.attn_density is not None else f"allocation {self.allocation!r}"
+            raise ValueError(f"{option} cannot apply to the N:M pattern {self.pattern}: every group of "
+                             f"{self.nm[1]} weights keeps exactly {self.nm[0]}")
+        for name in ("targets", "ignore"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or not all(
+                    isinstance(p, str) for p in patterns):
+                raise ValueError(f"{name} must be a tuple of fnmatch patterns (strings), got {patterns!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"unknown CompressionConfig version {self.version!r} (this pifa reads {CONFIG_VERSION})")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -154,5 +170,9 @@ class CompressionConfig:
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+    if not isinstance(value, str) or value not in allowed:
+        import difflib
+
+        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6) if isinstance(value, str) else []
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown {name} {value!r}; {hint}choose one of {', '.join(allowed)}")

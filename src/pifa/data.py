@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 
-from .validate import check_positive_int
+from .validate import check_positive_int, check_seed
 
 logger = logging.getLogger(__name__)
 
 FOLDER_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
+# Far beyond any calibration set (papers use 128 x 2048 = 262k tokens); a guard against typos such as
+# 1000000000 samples, which would otherwise die allocating the token windows.
+MAX_CALIBRATION_TOKENS = 2**27
 STDLIB_SOURCE = "python-stdlib"
 HF_DATASETS = {
     "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="train"),
@@ -148,6 +151,10 @@ def calibration_batches(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(seq_len, "seq_len")
+    check_seed(seed)
+    if num_samples * seq_len > MAX_CALIBRATION_TOKENS:
+        raise ValueError(f"{num_samples} samples x {seq_len} tokens is {num_samples * seq_len:,} calibration tokens, "
+                         f"more than the {MAX_CALIBRATION_TOKENS:,} pifa accepts")
     if isinstance(source_or_texts, (str, os.PathLike)):
         texts = load_texts(source_or_texts)
     else:

@@ -26,6 +26,32 @@ BOS_HANDLING = "none"
 
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (else ``config.vocab_size``); ``None`` when unknown."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str = "token ids") -> None:
+    """One-line ``ValueError`` for ids the model's embedding cannot look up (negative, or at or beyond its rows).
+
+    A tokenizer that does not belong to the model gives such ids; the embedding would fail with an
+    IndexError deep inside the forward (or read out of bounds on some devices).
+    """
+    if ids.numel() == 0:
+        return
+    vocab = vocabulary_size(model)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"{what} span [{low}, {high}], outside the model's vocabulary of {vocab} "
+                         "(is the tokenizer the model's own?)")
+
+
 def _windows(input_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The token stream ``[L]`` or ``[1, L]`` cut into ``[L // seq_len, seq_len]`` (tail dropped)."""
     check_positive_int(seq_len, "seq_len", minimum=2)  # one predicted token per window at least
@@ -70,7 +96,9 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, seq_len: int, batch_si
     non-finite logits, naming the first offending window index.
     """
     check_positive_int(batch_size, "batch_size")
-    windows = _windows(input_ids, seq_len).to(module_device(model))
+    windows = _windows(input_ids, seq_len)
+    check_token_ids(model, windows)
+    windows = windows.to(module_device(model))
     total = 0.0
     with torch.no_grad(), eval_mode(model):
         for first in range(0, windows.shape[0], batch_size):
@@ -150,12 +178,15 @@ def mean_pooled_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str
     """
     if not sentences:
         raise ValueError("sentences must be a non-empty list of strings")
+    check_positive_int(batch_size, "batch_size")
     device = module_device(model)
     rows = []
     with torch.no_grad(), eval_mode(model):
         for start in range(0, len(sentences), batch_size):
             enc = tokenizer(sentences[start: start + batch_size], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt").to(device)
+                            max_length=max_length, return_tensors="pt")
+            check_token_ids(model, enc["input_ids"])
+            enc = enc.to(device)
             hidden = model(**enc).last_hidden_state.float()  # [B, T, d]
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

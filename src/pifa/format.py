@@ -37,6 +37,10 @@ WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
 REQUIRED_FILES = (HF_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)
 QUANT_METHOD = "pifa"  # the ``quant_method`` of the ``quantization_config`` block in config.json
+SENTINEL = "weight"  # the empty tensor named like a dense linear's weight, see ``sentinel_tensors``
+FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors name -> torch name
+INDEX_DTYPE = "I64"
+CUSTOM_CODE_CONFIGS = (HF_CONFIG_NAME, "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
 
 def module_spec(layer: nn.Module) -> dict[str, Any]:
@@ -103,18 +107,52 @@ def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
     for name, entry in modules.items():
         check_entry(name, entry)
     pruned = spec.get("pruned", {})
-    if not isinstance(pruned, dict) or not all(
-            isinstance(e, dict) and {"out_features", "in_features", "pattern"} <= e.keys() for e in pruned.values()):
+    if not isinstance(pruned, dict):
         raise ValueError(f"{CONFIG_NAME}: 'pruned' must map module names to out_features, in_features and pattern")
+    for name, entry in pruned.items():
+        check_pruned_entry(name, entry)
+    dtype = spec.get("dtype", "float32")
+    if dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"{CONFIG_NAME}: dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES.values())}")
+    if not isinstance(spec.get("compression", {}), dict):
+        raise ValueError(f"{CONFIG_NAME}: 'compression' must be a JSON object")
     return spec
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_entry(name: str, entry: Any, source: str = CONFIG_NAME) -> None:
+    """One module's table entry: a known ``kind``, positive integer shapes, a rank in range, a bool ``bias``."""
     keys = ("kind", "in_features", "out_features", "rank", "bias")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source}: module names must be non-empty strings, got {name!r}")
     if not isinstance(entry, dict) or any(k not in entry for k in keys):
         raise ValueError(f"{source}: module {name!r} needs the fields {keys}")
-    if entry["kind"] not in LAYER_KINDS:
-        raise ValueError(f"{source}: module {name!r} has unknown kind {entry['kind']!r}")
+    kind = entry["kind"]
+    if not isinstance(kind, str) or kind not in LAYER_KINDS:
+        raise ValueError(f"{source}: module {name!r} has unknown kind {kind!r}; expected one of {', '.join(LAYER_KINDS)}")
+    for key in ("in_features", "out_features", "rank"):
+        if not _is_int(entry[key]) or entry[key] < 1:
+            raise ValueError(f"{source}: module {name!r} has {key} {entry[key]!r}; expected a positive integer")
+    if entry["rank"] > min(entry["in_features"], entry["out_features"]):
+        raise ValueError(f"{source}: module {name!r} has rank {entry['rank']} above min(in_features, out_features) = "
+                         f"{min(entry['in_features'], entry['out_features'])}")
+    if not isinstance(entry["bias"], bool):
+        raise ValueError(f"{source}: module {name!r} has bias {entry['bias']!r}; expected true or false")
+
+
+def check_pruned_entry(name: str, entry: Any) -> None:
+    """One entry of the optional ``pruned`` table: positive integer shapes and a pattern string."""
+    if not isinstance(entry, dict) or not {"out_features", "in_features", "pattern"} <= entry.keys():
+        raise ValueError(f"{CONFIG_NAME}: 'pruned' must map module names to out_features, in_features and pattern")
+    for key in ("out_features", "in_features"):
+        if not _is_int(entry[key]) or entry[key] < 1:
+            raise ValueError(f"{CONFIG_NAME}: pruned module {name!r} has {key} {entry[key]!r}; "
+                             "expected a positive integer")
+    if not isinstance(entry["pattern"], str):
+        raise ValueError(f"{CONFIG_NAME}: pruned module {name!r} has pattern {entry['pattern']!r}; expected a string")
 
 
 def expected_shapes(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -129,19 +167,118 @@ def expected_shapes(name: str, entry: dict[str, Any]) -> dict[str, tuple[int, ..
     return {f"{name}.{key}": shape for key, shape in shapes.items()}
 
 
-def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
-    """Compare ``model.safetensors``' header with the shapes ``spec`` implies (reads no tensor data)."""
-    weights = Path(path) / WEIGHTS_NAME
-    try:
-        with safetensors.safe_open(str(weights), framework="pt") as handle:
-            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from None
-    for name, entry in spec["modules"].items():
+def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{tensor name: (shape, safetensors dtype such as "F32")}`` from the headers of ``files`` (no tensor data)."""
+    header: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in files:
+        try:
+            with safetensors.safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    header[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        except Exception as exc:  # safetensors raises its own error types (SafetensorError) for corrupt files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{str(file)!r} is not a readable safetensors file: {first}") from None
+    return header
+
+
+def check_header(header: dict[str, tuple[tuple[int, ...], str]], modules: dict[str, dict[str, Any]],
+                 weights: str = WEIGHTS_NAME, source: str = CONFIG_NAME) -> None:
+    """Every tensor the module table implies is in ``header``, with its shape and a dtype that fits.
+
+    The factors and the bias must be float32, bfloat16 or float16 (one dtype per module); ``pivot_index``
+    int64. A module's optional sentinel (``<name>.weight`` of shape (0,), see :func:`sentinel_tensors`)
+    must have exactly that shape.
+    """
+    for name, entry in modules.items():
+        float_dtypes = set()
         for key, shape in expected_shapes(name, entry).items():
-            if key not in stored:
-                raise ValueError(f"{WEIGHTS_NAME} lacks tensor {key!r} that {CONFIG_NAME} describes")
-            if stored[key] != shape:
-                raise ValueError(
-                    f"tensor {key!r} has shape {stored[key]} in {WEIGHTS_NAME} but {CONFIG_NAME} implies {shape}"
-                )
+            if key not in header:
+                raise ValueError(f"{weights} lacks tensor {key!r} that {source} describes")
+            stored_shape, dtype = header[key]
+            if stored_shape != shape:
+                raise ValueError(f"tensor {key!r} has shape {stored_shape} in {weights} but {source} implies {shape}")
+            if key.endswith(".pivot_index"):
+                if dtype != INDEX_DTYPE:
+                    raise ValueError(f"tensor {key!r} is {dtype} in {weights}; pivot indices must be {INDEX_DTYPE}")
+            elif dtype not in FLOAT_DTYPES:
+                raise ValueError(f"tensor {key!r} is {dtype} in {weights}; compressed weights must be one of "
+                                 f"{', '.join(FLOAT_DTYPES)}")
+            else:
+                float_dtypes.add(dtype)
+        if len(float_dtypes) > 1:
+            raise ValueError(f"the tensors of module {name!r} mix dtypes {sorted(float_dtypes)} in {weights}")
+        sentinel = f"{name}.{SENTINEL}"
+        if sentinel in header and header[sentinel][0] != (0,):
+            raise ValueError(f"tensor {sentinel!r} has shape {header[sentinel][0]} in {weights}; a compressed "
+                             f"module's {SENTINEL!r} must be the empty marker of shape (0,)")
+
+
+def check_pruned_header(header: dict[str, tuple[tuple[int, ...], str]], pruned: dict[str, dict[str, Any]]) -> None:
+    """Every pruned linear's weight is in ``header`` with its (out, in) or Conv1D (in, out) shape and a float dtype."""
+    for name, entry in pruned.items():
+        key = f"{name}.weight"
+        if key not in header:
+            raise ValueError(f"{WEIGHTS_NAME} lacks tensor {key!r} that the 'pruned' table describes")
+        shape, dtype = header[key]
+        m, n = entry["out_features"], entry["in_features"]
+        if shape not in ((m, n), (n, m)):
+            raise ValueError(f"tensor {key!r} has shape {shape} in {WEIGHTS_NAME} but the 'pruned' table gives {m} x {n}")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tensor {key!r} is {dtype} in {WEIGHTS_NAME}; expected one of {', '.join(FLOAT_DTYPES)}")
+
+
+def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
+    """Compare ``model.safetensors``' header with the shapes and dtypes ``spec`` implies (reads no tensor data)."""
+    header = read_header([Path(path) / WEIGHTS_NAME])
+    check_header(header, spec["modules"])
+    check_pruned_header(header, spec.get("pruned", {}))
+
+
+def sentinel_tensors(modules: dict[str, dict[str, Any]], dtype: Any) -> dict[str, Any]:
+    """An empty ``<name>.weight`` tensor (shape (0,)) per compressed module, written beside its factors.
+
+    With pifa imported they are ignored. Without it, transformers does not know the ``"pifa"``
+    quantization, skips it and would build plain linears with random weights (only a warning); the
+    empty ``weight`` then has the wrong size for those linears, and ``from_pretrained`` fails instead.
+    """
+    import torch
+
+    return {f"{name}.{SENTINEL}": torch.empty(0, dtype=dtype) for name in modules}
+
+
+def is_sentinel(key: str, modules: dict[str, dict[str, Any]]) -> bool:
+    """Whether ``key`` names the sentinel of one of ``modules`` (see :func:`sentinel_tensors`)."""
+    name, _, leaf = key.rpartition(".")
+    return leaf == SENTINEL and name in modules
+
+
+def custom_code_marker(path: str | os.PathLike) -> str | None:
+    """The file of folder ``path`` that asks for custom code (an ``auto_map``), or ``None``.
+
+    transformers runs Python files shipped in a model folder when a config names them in ``auto_map``
+    (with ``trust_remote_code``, or after asking on a terminal); pifa never does, and refuses such folders.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    names = dict.fromkeys([*CUSTOM_CODE_CONFIGS, *sorted(p.name for p in path.glob("*config*.json"))])
+    for name in names:
+        file = path / name
+        try:
+            if not file.is_file() or file.stat().st_size > 16 * 2**20:
+                continue
+            data = json.loads(file.read_text(encoding="utf-8", errors="replace"))
+        except (OSError, ValueError):
+            continue  # unreadable or not JSON: the loader reports it
+        if isinstance(data, dict) and ("auto_map" in data or "custom_pipelines" in data):
+            return name
+    return None
+
+
+def check_no_custom_code(path: str | os.PathLike) -> None:
+    """One-line ``ValueError`` when folder ``path`` carries custom code (see :func:`custom_code_marker`)."""
+    marker = custom_code_marker(path)
+    if marker is not None:
+        raise ValueError(f"model folder {str(path)!r} carries custom code ('auto_map' in {marker}); "
+                         "pifa never runs code from a model folder")

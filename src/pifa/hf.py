@@ -21,6 +21,8 @@ transformers has no entry-point discovery for quantizers: :func:`register` adds 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._version import __version__
-from .format import FORMAT_VERSION, HF_CONFIG_NAME, QUANT_METHOD, check_entry, compressed_modules
+from .format import (
+    FORMAT_VERSION, HF_CONFIG_NAME, QUANT_METHOD, SENTINEL, WEIGHTS_NAME, check_entry, check_header, compressed_modules,
+    read_header, sentinel_tensors,
+)
 from .io import replace_with_compressed_layers
 from .layers import PivotLinear, is_compressed
 
@@ -90,10 +95,21 @@ class PifaHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        # Before any data is read: every tensor the table implies is in the checkpoint, with its shape
+        # and a fitting dtype (transformers would otherwise leave a missing one uninitialised, and
+        # cast an integer coeff to garbage).
+        modules = self.quantization_config.modules
+        if checkpoint_files:
+            unsafe = [f for f in checkpoint_files if not str(f).endswith(".safetensors")]
+            if unsafe:
+                raise ValueError(f"pifa checkpoints are safetensors only; refusing {Path(unsafe[0]).name!r}")
+            check_header(read_header(checkpoint_files), modules, WEIGHTS_NAME, _SOURCE)
         # The model is on the meta device, built in the load dtype: each compressed layer
         # takes the dtype and device of the linear it replaces.
-        self.replaced = replace_with_compressed_layers(model, self.quantization_config.modules, source=_SOURCE)
+        self.replaced = replace_with_compressed_layers(model, modules, source=_SOURCE)
+        _ignore_sentinels(model, [*modules, *self.replaced])
         _tolerate_compressed_children(model)
         return model
 
@@ -111,14 +127,20 @@ class PifaHfQuantizer(HfQuantizer):
                         "index buffers cannot be rebuilt. Load with offload_buffers=False (the default)."
                     )
                 module._refresh_index()
+        _check_all_loaded(model, getattr(self, "replaced", []))
         return model
 
-    def get_state_dict_and_metadata(self, model: nn.Module, *args: Any, **kwargs: Any) -> tuple[None, dict]:
-        # save_pretrained: describe the layers the model has now (it may have changed since loading).
-        self.quantization_config.modules = compressed_modules(model)
+    def get_state_dict_and_metadata(self, model: nn.Module, *args: Any, **kwargs: Any) -> tuple[dict | None, dict]:
+        # save_pretrained: describe the layers the model has now (it may have changed since loading), and
+        # write their sentinels (see pifa.format.sentinel_tensors) as save_compressed does.
+        modules = compressed_modules(model)
+        self.quantization_config.modules = modules
         self.quantization_config.library_version = __version__
         model.config.quantization_config = self.quantization_config
-        return None, {}
+        if not modules:
+            return None, {}
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return {**model.state_dict(), **sentinel_tensors(modules, dtype)}, {}
 
     def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
         """Replace every compressed layer by the equivalent dense ``nn.Linear``."""
@@ -176,6 +198,34 @@ def _restore_init_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(vars(module).get("_init_weights"), _TolerantInit):
             del module._init_weights
+
+
+def _ignore_sentinels(model: nn.Module, names: list[str]) -> None:
+    """The compressed modules' empty ``weight`` markers are expected in the checkpoint: not reported as unexpected."""
+    patterns = {rf"(^|\.){re.escape(name)}\.{SENTINEL}$" for name in names}
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
+
+
+def _check_all_loaded(model: nn.Module, replaced: list[str]) -> None:
+    """After loading: every compressed layer's parameters and ``pivot_index`` came from the checkpoint.
+
+    transformers flags what it loaded (``_is_hf_initialized``) and fills the rest with fresh values;
+    for a compressed layer that would be garbage, so a tensor without the flag is an error (checked
+    only when the flag is in use, i.e. some compressed tensor carries it; tensors offloaded to disk are skipped).
+    """
+    tensors = {}
+    for name in replaced:
+        layer = model.get_submodule(name)
+        tensors.update({f"{name}.{key}": t for key, t in layer.named_parameters()})
+        if isinstance(layer, PivotLinear):
+            tensors[f"{name}.pivot_index"] = layer.pivot_index
+    flags = {key: getattr(t, "_is_hf_initialized", None) for key, t in tensors.items()
+             if t.device.type != "meta"}  # offloaded to disk: accelerate loads those when they are used
+    if any(flags.values()):
+        missing = sorted(key for key, flag in flags.items() if not flag)
+        if missing:
+            raise ValueError(f"pifa: the checkpoint did not provide {missing[0]!r}"
+                             + (f" and {len(missing) - 1} more compressed tensors" if len(missing) > 1 else ""))
 
 
 def register() -> None:

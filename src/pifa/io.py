@@ -24,12 +24,13 @@ from torch import nn
 from ._version import __version__
 from .faults import crash_point
 from .format import (
-    CONFIG_NAME, FORMAT_VERSION, HF_CONFIG_NAME, WEIGHTS_NAME, check_entry, check_tensor_shapes, compressed_modules,
-    is_pifa_quantization_config, quant_method_of, quantization_config_dict, read_pifa_config,
+    CONFIG_NAME, FORMAT_VERSION, HF_CONFIG_NAME, WEIGHTS_NAME, check_entry, check_no_custom_code, check_tensor_shapes,
+    compressed_modules, is_pifa_quantization_config, is_sentinel, quant_method_of, quantization_config_dict,
+    read_pifa_config, sentinel_tensors,
 )
 from .layers import LAYER_KINDS, PivotLinear
 from .model import is_linear, linear_shape
-from .validate import parse_dtype
+from .validate import parse_device, parse_dtype
 
 if TYPE_CHECKING:
     import transformers
@@ -43,6 +44,61 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def write_safetensors(module: nn.Module, file: str | os.PathLike, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """``module``'s state dict (tensors shared under several names stored once) plus ``extra`` to ``file``.
+
+    The header's metadata is exactly ``{"format": "pt"}``: safetensors writes metadata from a hash map in
+    an order that changes from process to process, so any second key (``save_model`` adds one per tied
+    tensor) would make the same model give different bytes from run to run.
+    """
+    state = module.state_dict()
+    for removed in safetensors.torch._remove_duplicate_names(state).values():
+        for name in removed:
+            del state[name]
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    state.update(extra or {})
+    safetensors.torch.save_file(state, str(file), metadata={"format": "pt"})
+
+
+def writing_error(path: str | os.PathLike, exc: BaseException) -> ValueError:
+    """A one-line ``ValueError`` for a failed write (full disk, read-only folder, a file in the way, ...)."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+        (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return ValueError(f"could not write {str(path)!r}: {detail}")
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, nearest first."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def remove_created(folders: list[Path]) -> None:
+    """Remove the folders a failed write created (nearest first), as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def check_writable_folder(path: str | os.PathLike, what: str = "output") -> None:
+    """One-line ``ValueError`` unless ``path`` could be created: its nearest existing ancestor must be a
+    writable folder (``path`` itself may exist). Creates nothing."""
+    path = Path(path).absolute()
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"cannot write {what} {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"cannot write {what} {str(path)!r}: folder {str(ancestor)!r} is not writable")
+            return
+
+
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike,
@@ -54,28 +110,43 @@ def save_compressed(
 ) -> Path:
     """Write ``model`` (a Hugging Face model, possibly with compressed layers) to directory ``path``.
 
-    The directory appears only once complete (written under a temporary name, then
-    renamed). An existing ``path`` is an error unless ``overwrite``. ``extra_files`` maps
-    file names to text written beside the weights (e.g. the compression report). With the
-    ``report`` of the run, the linears a sparse method pruned are listed under ``pruned``.
+    The directory appears only once complete (written under a temporary name, then renamed). ``path``
+    may be missing or an empty folder (as ``save_pretrained`` and ``tempfile.TemporaryDirectory()``
+    allow); a non-empty folder is an error unless ``overwrite``. ``extra_files`` maps file names to text
+    written beside the weights (e.g. the compression report). With the ``report`` of the run, the linears
+    a sparse method pruned are listed under ``pruned``. A failed write (full disk, read-only folder)
+    is a one-line ``ValueError`` and leaves nothing behind: no temporary folder, no parent folder it created.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"output directory {str(path)!r} already exists (pass overwrite=True to replace it)")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output {str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {str(path)!r} already exists and is not empty "
+                         "(pass overwrite=True to replace it)")
     if not hasattr(model, "config"):
         raise ValueError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    check_writable_folder(path)
+    created = missing_parents(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
         _write_directory(model, tmp, tokenizer, compression, report)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         crash_point("save")
         _replace_directory(tmp, path)
+    except (OSError, safetensors.SafetensorError) as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
+        raise writing_error(path, exc) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
         raise
     return path
 
@@ -103,7 +174,7 @@ def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compress
     config.architectures = [type(model).__name__]  # what from_pretrained and load_compressed build
     _set_quantization_config(config, modules)
     config.save_pretrained(directory)
-    safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(model, directory / WEIGHTS_NAME, sentinel_tensors(modules, _model_dtype(model)))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     spec: dict[str, Any] = {
@@ -121,8 +192,9 @@ def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compress
 
 
 def _replace_directory(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and removed after."""
-    if not path.exists():
+    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and removed after
+    (an empty folder is simply replaced)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         os.replace(tmp, path)
         return
     old = path.with_name(f".{path.name}.old")
@@ -274,15 +346,23 @@ def load_compressed(
 
     ``dtype`` defaults to the dtype the model was saved in, ``device`` to the CPU.
     """
+    load_dtype = parse_dtype(dtype) if dtype is not None else None
+    load_device = parse_device(device or "cpu")
     spec = read_pifa_config(path)
+    check_no_custom_code(path)
     check_tensor_shapes(path, spec)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:  # unreadable JSON, unknown model_type, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"could not read {HF_CONFIG_NAME} of {str(path)!r}: {first}") from None
     _check_quantization_config(config, spec)
-    model = _build_skeleton(config, spec, _resolve_dtype(dtype, spec))
-    _materialize(model, torch.device(device or "cpu"))
+    model = _build_skeleton(config, spec, load_dtype or _resolve_dtype(None, spec))
+    _materialize(model, load_device)
     missing, unexpected = safetensors.torch.load_model(model, str(Path(path) / WEIGHTS_NAME), strict=False)
+    unexpected = [key for key in unexpected if not is_sentinel(key, spec["modules"])]
     if missing or unexpected:
         raise ValueError(
             f"{WEIGHTS_NAME} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

@@ -41,14 +41,18 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list: the nn.ModuleList of same-type blocks holding the most linears."""
+    """The transformer block list: the nn.ModuleList of same-type blocks holding the most linears.
+
+    Only linears *inside* the blocks count: a list of bare linears is not a block list (a block
+    cannot replace itself, so compressing it would change nothing).
+    """
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(block) for block in module}) != 1:
             continue
-        count = sum(is_linear(m) or is_compressed(m) for m in module.modules())
+        count = sum(is_linear(m) or is_compressed(m) for block in module for m in block.modules() if m is not block)
         if count and (best is None or count > best[0]):
             best = (count, name, module)
     if best is None:
@@ -69,6 +73,8 @@ def target_linears(
     """Linears of ``block`` to compress, by full name ``prefix.local``, in registration order."""
     found = {}
     for local, module in block.named_modules():
+        if not local:  # the block itself: it cannot be swapped from inside
+            continue
         full = f"{prefix}.{local}"
         if is_linear(module) and (not targets or _matches(full, targets)) and not _matches(full, ignore):
             found[full] = module
@@ -82,6 +88,9 @@ def is_attention(name: str) -> bool:
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace submodule ``name`` of ``root`` (never ``root`` itself: an empty name is an error)."""
+    if not name:
+        raise ValueError(f"cannot replace {type(root).__name__} itself: name a submodule")
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)

@@ -12,7 +12,8 @@ from typing import Any
 
 @dataclass
 class ModuleReport:
-    """One compressed module. ``calib_error`` is ||(W - W') X~||^2 / ||W X~||^2 on calibration data."""
+    """One compressed module. ``calib_error`` is ||(W - W') X~||^2 / ||W X~||^2 on calibration data;
+    ``allocation_score`` what chose its rank when an allocation scored the layers (e.g. spectrum)."""
 
     name: str
     kind: str
@@ -22,6 +23,7 @@ class ModuleReport:
     params_before: int
     params_after: int
     calib_error: float
+    allocation_score: float | None = None  # what chose the rank (spectrum: discarded whitened energy), if any
 
 
 @dataclass

@@ -34,3 +34,48 @@ def parse_dtype(value: str | torch.dtype | None, allow_auto: bool = False) -> to
         choices = ("auto, " if allow_auto else "") + ", ".join(SUPPORTED_DTYPES)
         raise ValueError(f"unsupported dtype {str(value).removeprefix('torch.')!r}; use {choices}")
     return resolved
+
+
+def check_finite_number(value: Any, name: str) -> float:
+    """``value`` if it is a finite real number (not a bool), else ``ValueError``."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} {value!r} must be a finite number")
+    return value
+
+
+def parse_device(value: str | torch.device | None) -> torch.device:
+    """A device a model can run on: ``"auto"``/``None`` (CUDA when available, else the CPU), ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` (N below the number of GPUs), ``"mps"`` where available.
+
+    ``"meta"``, devices this machine lacks and unknown names are a one-line ``ValueError``.
+    """
+    if value is None or value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = value if isinstance(value, torch.device) else torch.device(str(value))
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(value)!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(value)!r} is not available: this torch sees no CUDA GPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(value)!r} is not available: this machine has {count} CUDA GPU(s)")
+        return device
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {str(value)!r} is not available on this machine")
+        return device
+    raise ValueError(f"device {str(value)!r} cannot run a model; use auto, cpu, cuda or cuda:N")
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed ``torch.Generator.manual_seed`` takes: an int in [0, 2**64)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"{name} {value!r} is out of range: use an integer in [0, 2**64)")
+    return value

