@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": peak_rss(),
         "statistics_bytes": stats_bytes,
-        "statistics_formula": f"{stats_bytes // (n * n * 8)} * n * n * 8 (float64 G{', H' if stats_bytes > n * n * 8 else ''}), n = {n}",
+        "statistics_formula": (f"{stats_bytes // (n * n * 8)} * n * n * 8 "
+                               f"(float64 G{', H' if stats_bytes > n * n * 8 else ''}), n = {n}"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

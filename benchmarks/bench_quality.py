@@ -40,10 +40,10 @@ import transformers
 from tqdm.auto import tqdm
 
 import pifa
-from pifa.tables import format_table
+from pifa.app.loading import load_dense
 from pifa.data import calibration_batches, stdlib_python_files
 from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_ids, text_token_ids
-from pifa.app.loading import load_dense
+from pifa.tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("svd", "svd-llm", "m", "mpifa")

@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 import pifa
+from pifa.app.loading import load_dense
+from pifa.app.timing import interleaved_medians
 from pifa.data import calibration_batches
 from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings
-from pifa.app.loading import load_dense
 from pifa.tables import format_table
-from pifa.app.timing import interleaved_medians
 
 CALIB_MODULES = ("argparse", "collections", "logging", "pathlib", "shutil", "subprocess", "textwrap", "zipfile",
                  "tarfile", "unittest", "random", "decimal", "fractions", "datetime", "heapq", "functools")

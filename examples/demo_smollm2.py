@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 import pifa
 from pifa.app.bench import bench_models
 from pifa.app.gguf import load_gguf
-from pifa.data import calibration_batches, load_texts
+from pifa.data import calibration_batches, chat_documents, load_texts
 from pifa.evaluate import perplexity_of_text
 from pifa.model import find_blocks
 from pifa.tables import format_table
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--method", default="mpifa")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-format", choices=("chat", "text"), default="chat",
+                        help="chat: WikiText-2 paragraphs as assistant replies in the chat template; text: plain")
     parser.add_argument("--ppl-windows", type=int, default=16, help="evenly spaced WikiText-2 test windows")
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -90,7 +92,10 @@ def main() -> None:
     steps.set_description("demo: loading SmolLM2-135M-Instruct (GGUF)")
     dense, tokenizer = load_gguf(smollm2_gguf(), "float32", "cpu")
     steps.update()
-    calib = calibration_batches(tokenizer, data / "valid.txt", args.samples, args.seq_len, seed=0)
+    documents = load_texts(data / "valid.txt")
+    if args.calib_format == "chat":  # an instruct model: calibrate on what it sees when it chats
+        documents = chat_documents(tokenizer, documents)
+    calib = calibration_batches(tokenizer, documents, args.samples, args.seq_len, seed=0)
     model = copy.deepcopy(dense)
     steps.set_description(f"demo: compressing with {args.method} at density {args.density}")
     config = pifa.CompressionConfig(density=args.density, method=args.method)
@@ -120,7 +125,8 @@ def main() -> None:
             for name, m in models.items()]
     first = next(iter(ppl.values()))
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.method} at density {args.density} "
-          f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} WikiText-2 valid tokens, "
+          f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} WikiText-2 valid tokens "
+          f"({'as chat replies' if args.calib_format == 'chat' else 'plain text'}), "
           f"compressed in {report.seconds:.0f} s; perplexity on {first['windows']} evenly spaced "
           f"{args.ppl_seq_len}-token WikiText-2 test windows (BOS: none); decode: batch 1, 32 tokens, "
           f"{torch.get_num_threads()} threads")
@@ -132,7 +138,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "kind": "demo", "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "config": config.to_dict(),
-        "calibration": {"source": "wikitext-2 valid", "samples": args.samples, "seq_len": args.seq_len},
+        "calibration": {"source": "wikitext-2 valid", "format": args.calib_format, "samples": args.samples,
+                        "seq_len": args.seq_len},
         "perplexity": {name: {k: v for k, v in r.items() if k != "model"} for name, r in ppl.items()},
         "rows": rows, "answers": {name: dict(zip(PROMPTS, a)) for name, a in answers.items()},
         "compress_seconds": report.seconds, "date": time.strftime("%Y-%m-%d"),

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
+from helpers import compress_argv, make_dense_dir, tiny_model
 from pifa import PivotLinear, save_compressed
 from pifa.app.cli import main
-
-from helpers import compress_argv, make_dense_dir, tiny_model
 
 
 @pytest.fixture

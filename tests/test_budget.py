@@ -7,11 +7,10 @@ import itertools
 import pytest
 import torch
 
+from helpers import tiny_model
 from pifa.budget import allocate_ranks, layer_parameters, owl_block_densities, rank_for_density, spectrum_ranks
 from pifa.capture import capture_first_block, infer_groups
 from pifa.model import find_blocks, target_linears
-
-from helpers import tiny_model
 
 SHAPES = {"a": (64, 32), "b": (32, 32), "c": (96, 48), "d": (17, 40)}
 

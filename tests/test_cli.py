@@ -3,14 +3,12 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
+from helpers import tiny_model
 from pifa import CompressionConfig, PivotLinear, __version__, compress, save_compressed
 from pifa.app.cli import main
 from pifa.format import CONFIG_NAME
-
-from helpers import tiny_model
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -7,11 +7,10 @@ import sys
 import pytest
 import torch
 
-from pifa import PivotLinear, load_compressed
-from pifa.app.cli import main
-
 from helpers import compress_argv as compress_args
 from helpers import make_dense_dir, model_output
+from pifa import PivotLinear, load_compressed
+from pifa.app.cli import main
 
 
 @pytest.fixture

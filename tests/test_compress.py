@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import pifa
+from helpers import MATRIX_CONFIGS, model_output, tiny_model
 from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
 from pifa.model import find_blocks, is_linear
-
-from helpers import MATRIX_CONFIGS, model_output, tiny_model
 
 CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
 KINDS = {"mpifa": PivotLinear, "m": LowRankLinear, "svd-llm": LowRankLinear, "svd": LowRankLinear}

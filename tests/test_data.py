@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
+from helpers import char_tokenizer
 from pifa.data import calibration_batches, load_texts, stdlib_python_files
 
-from helpers import char_tokenizer
 TEXT = "the quick brown fox jumps over the lazy dog.\n\n" * 20
 
 

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from pifa.app.cli import main
-
 from helpers import CALIB_TEXT, char_tokenizer, make_dense_dir
+from pifa.app.cli import main
 
 
 @pytest.fixture

@@ -11,7 +11,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from helpers import tiny_model
 from pifa.evaluate import (
-    encoder_fidelity, mean_pooled_embeddings, perplexity, perplexity_of_text, spread_windows,
+    encoder_fidelity,
+    mean_pooled_embeddings,
+    perplexity,
+    perplexity_of_text,
+    spread_windows,
 )
 
 VOCAB = 128

@@ -11,11 +11,10 @@ import torch
 import transformers
 
 import pifa
-from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
-from pifa.model import find_blocks, is_linear, linear_weight
-from pifa.format import CONFIG_NAME
-
 from helpers import MATRIX_CONFIGS, model_output, tiny_model
+from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
+from pifa.format import CONFIG_NAME
+from pifa.model import find_blocks, is_linear, linear_weight
 
 CAUSAL_ARCHS = ["llama", "llama-tied", "qwen2"]
 

@@ -6,9 +6,8 @@ import pickle
 import pytest
 import torch
 
-from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
-
 from helpers import model_output, tiny_model
+from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
 
 CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import tiny_model
 from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
 from pifa.format import CONFIG_NAME, WEIGHTS_NAME
-
-from helpers import tiny_model
 
 
 def compress_some(model):

@@ -13,6 +13,7 @@ It writes no environment variable and installs no import hook. For bit-identical
 machine load, set ``MKL_DYNAMIC=FALSE`` before the first torch call (the ``pifa`` CLI does).
 """
 
+from . import hf
 from ._version import __version__
 from .budget import rank_for_density
 from .compress import compress
@@ -21,7 +22,6 @@ from .io import load_compressed, save_compressed
 from .layers import LowRankLinear, PivotLinear
 from .pivot import select_pivots
 from .report import CompressionReport
-from . import hf
 
 __all__ = [
     "METHODS",

@@ -109,7 +109,8 @@ def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Ten
         raise ValueError(f"targeted linears never called by their block: {sorted(missing)}")
 
 
-def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, device: torch.device) -> list[list[str]]:
+def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs,
+                 device: torch.device) -> list[list[str]]:
     """Groups of linears in execution order; linears fed the same input tensor share a group.
 
     For Llama this yields [q, k, v] -> [o] -> [gate, up] -> [down].

@@ -62,7 +62,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, config: CompressionConfig, batches: list[torch.Tensor],
-             model: nn.Module) -> "Checkpoint":
+             model: nn.Module) -> Checkpoint:
         """Open (or start) the checkpoint in ``directory``; refuse one written for other inputs."""
         directory = Path(directory)  # created by the first save_block: bad input leaves nothing behind
         expected = {"config": config.to_dict(), "calibration": fingerprint(batches), "model": model_fingerprint(model)}
@@ -77,7 +77,8 @@ class Checkpoint:
                 raise ValueError(f"checkpoint {str(directory)!r} is corrupt ({PROGRESS} has no 'blocks' table); "
                                  "run without --resume to start afresh")
             if {k: state.get(k) for k in expected} != expected:
-                raise ValueError(f"checkpoint {str(directory)!r} was written for another model, config or calibration data")
+                raise ValueError(f"checkpoint {str(directory)!r} was written for another model, config or "
+                                 "calibration data")
             return cls(directory, state)
         return cls(directory, {**expected, "blocks": {}})
 

@@ -20,16 +20,30 @@ from tqdm.auto import tqdm
 
 from . import solver, sparse
 from .budget import (
-    allocate_ranks, layer_parameters, outlier_ratio, owl_block_densities, spectrum_ranks, split_densities,
+    allocate_ranks,
+    layer_parameters,
+    outlier_ratio,
+    owl_block_densities,
+    spectrum_ranks,
+    split_densities,
 )
 from .capture import BlockInputs, capture_first_block, infer_groups, layer_inputs, record_inputs
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
 from .faults import crash_point
 from .layers import build_layer
-from .model import find_blocks, inference_state, is_attention, linear_shape, linear_weight, on_device, set_module, target_linears
+from .model import (
+    find_blocks,
+    inference_state,
+    is_attention,
+    linear_shape,
+    linear_weight,
+    on_device,
+    set_module,
+    target_linears,
+)
 from .report import CompressionReport, ModuleReport
-from .validate import check_positive_int
+from .validate import check_positive_int, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +66,7 @@ class _Streams:
     dense: list[torch.Tensor] | None
 
     @classmethod
-    def start(cls, inputs: list[BlockInputs], two_streams: bool) -> "_Streams":
+    def start(cls, inputs: list[BlockInputs], two_streams: bool) -> _Streams:
         hidden = [i.hidden for i in inputs]
         return cls(inputs, hidden, list(hidden) if two_streams else None)
 
@@ -146,15 +160,7 @@ def compress(
     same arguments resumes after the last finished block, producing identical tensors.
     """
     start = time.perf_counter()
-    if not isinstance(config, CompressionConfig):
-        raise ValueError(f"config must be a pifa.CompressionConfig, got {type(config).__name__}")
-    batches = _as_batches(calib, batch_size)
-    _check_vocabulary(model, batches)
-    blocks_name, blocks = find_blocks(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    targets = [target_linears(b, f"{blocks_name}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)]
-    if not any(targets):
-        raise ValueError(f"no linear in {blocks_name} matches targets {config.targets} minus ignore {config.ignore}")
+    batches, blocks_name, blocks, device, targets = _prepare(model, config, calib, device, batch_size)
     checkpoint = Checkpoint.open(checkpoint_dir, config, batches, model) if checkpoint_dir else None
     report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
     with inference_state(model):
@@ -170,6 +176,36 @@ def compress(
                 _run_block(run, block, checkpoint)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _prepare(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iterable[torch.Tensor],
+             device: torch.device | str | None, batch_size: int
+             ) -> tuple[list[torch.Tensor], str, nn.ModuleList, torch.device, list[dict[str, nn.Module]]]:
+    """Checked inputs: the calibration batches, the block list (name, modules), the device, each block's targets."""
+    if not isinstance(config, CompressionConfig):
+        raise ValueError(f"config must be a pifa.CompressionConfig, got {type(config).__name__}")
+    batches = _as_batches(calib, batch_size)
+    _check_vocabulary(model, batches)
+    blocks_name, blocks = find_blocks(model)
+    device = parse_device(device) if device is not None else next(model.parameters()).device
+    targets = [target_linears(b, f"{blocks_name}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)]
+    if not any(targets):
+        raise ValueError(f"no linear in {blocks_name} matches targets {config.targets} minus ignore {config.ignore}")
+    return batches, blocks_name, blocks, device, targets
+
+
+def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iterable[torch.Tensor], *,
+         device: torch.device | str | None = None, batch_size: int = 8) -> tuple[Plan, dict[str, tuple[int, int]]]:
+    """What ``compress`` would do, without compressing: the plan and every targeted linear's shape.
+
+    Runs the capture and, for data-driven allocations (owl, spectrum), their dense statistics pass;
+    the model is left unchanged.
+    """
+    batches, blocks_name, blocks, device, targets = _prepare(model, config, calib, device, batch_size)
+    with inference_state(model):
+        streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), False)
+        return _plan(config, blocks, targets, streams, device), {n: linear_shape(m) for t in targets
+                                                                 for n, m in t.items()}
 
 
 def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:

@@ -161,7 +161,7 @@ class CompressionConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

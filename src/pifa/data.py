@@ -92,8 +92,9 @@ def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]
       held out from pycode-llama's training (see ``stdlib_python_files``).
 
     With ``evaluation``, dataset names load their evaluation split (wikitext2: test, c4:
-    validation) instead of the training split. Whitespace-only documents are dropped. Raises ``ValueError`` for an unknown source, a bad
-    ``.jsonl`` line (naming its number), or when no text is left.
+    validation) instead of the training split. Whitespace-only documents are dropped. Raises
+    ``ValueError`` for an unknown source, a bad ``.jsonl`` line (naming its number), or when no
+    text is left.
     """
     path = Path(source)
     if path.is_file():
@@ -115,6 +116,31 @@ def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]
     if not texts:
         raise ValueError(f"calibration source {str(source)!r} contains no text")
     return texts
+
+
+CHAT_PROMPTS = ("Tell me about this topic.", "Write a paragraph about it.", "What do you know about this?",
+                "Explain this in detail.")
+
+
+def chat_documents(tokenizer: Any, texts: Sequence[str], prompts: Sequence[str] = CHAT_PROMPTS,
+                   min_chars: int = 200) -> list[str]:
+    """Calibration documents in the model's chat format, for instruction-tuned models.
+
+    Every paragraph (blank-line separated, at least ``min_chars`` characters) of ``texts``
+    becomes the assistant's reply to one of ``prompts`` (in turn), rendered with the
+    tokenizer's chat template, so the calibration activations include the role markers and
+    special tokens the model sees when it chats. Raises ``ValueError`` without a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: chat-format calibration needs one")
+    paragraphs = [p.strip() for text in texts for p in text.replace("\r\n", "\n").split("\n \n")
+                  if len(p.strip()) >= min_chars]
+    paragraphs = [q.strip() for p in paragraphs for q in p.split("\n\n") if len(q.strip()) >= min_chars]
+    if not paragraphs:
+        raise ValueError(f"no paragraph of at least {min_chars} characters to wrap in the chat template")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": prompts[i % len(prompts)]},
+                                           {"role": "assistant", "content": p}], tokenize=False)
+            for i, p in enumerate(paragraphs)]
 
 
 def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:

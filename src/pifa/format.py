@@ -15,6 +15,13 @@ When the model has compressed layers, ``config.json`` also carries the same modu
 "library_version": ..., "modules": {...}}``), so that transformers' ``from_pretrained`` rebuilds
 the compressed model through the quantizer plugin in :mod:`pifa.hf`. ``pifa_config.json`` stays
 the source ``load_compressed`` reads. This module reads and checks; :mod:`pifa.io` writes and loads.
+
+``model.safetensors`` holds, per compressed module, its factors (``down``/``up`` or ``pivot_weight``/
+``coeff``/``pivot_index``, plus ``bias``) and an empty ``<module>.weight`` of shape (0,): the sentinel that
+makes ``from_pretrained`` without ``import pifa`` fail (size mismatch) instead of loading random linears.
+Its header metadata is exactly ``{"format": "pt"}``. Before any tensor data is read, the header is
+checked against the module table: every tensor present, with its shape, factors in float32/bfloat16/
+float16 (one dtype per module), ``pivot_index`` in int64.
 """
 
 from __future__ import annotations
@@ -132,7 +139,8 @@ def check_entry(name: str, entry: Any, source: str = CONFIG_NAME) -> None:
         raise ValueError(f"{source}: module {name!r} needs the fields {keys}")
     kind = entry["kind"]
     if not isinstance(kind, str) or kind not in LAYER_KINDS:
-        raise ValueError(f"{source}: module {name!r} has unknown kind {kind!r}; expected one of {', '.join(LAYER_KINDS)}")
+        raise ValueError(f"{source}: module {name!r} has unknown kind {kind!r}; "
+                         f"expected one of {', '.join(LAYER_KINDS)}")
     for key in ("in_features", "out_features", "rank"):
         if not _is_int(entry[key]) or entry[key] < 1:
             raise ValueError(f"{source}: module {name!r} has {key} {entry[key]!r}; expected a positive integer")
@@ -223,7 +231,8 @@ def check_pruned_header(header: dict[str, tuple[tuple[int, ...], str]], pruned: 
         shape, dtype = header[key]
         m, n = entry["out_features"], entry["in_features"]
         if shape not in ((m, n), (n, m)):
-            raise ValueError(f"tensor {key!r} has shape {shape} in {WEIGHTS_NAME} but the 'pruned' table gives {m} x {n}")
+            raise ValueError(f"tensor {key!r} has shape {shape} in {WEIGHTS_NAME} "
+                             f"but the 'pruned' table gives {m} x {n}")
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"tensor {key!r} is {dtype} in {WEIGHTS_NAME}; expected one of {', '.join(FLOAT_DTYPES)}")
 

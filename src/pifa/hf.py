@@ -12,7 +12,10 @@ This module defines the quantization method ``"pifa"`` for transformers' public 
 (``register_quantization_config`` / ``register_quantizer``): the quantizer swaps the listed
 linears for empty :class:`~pifa.PivotLinear` / :class:`~pifa.LowRankLinear` on the meta device
 before transformers loads the safetensors weights, and rebuilds ``PivotLinear``'s derived index
-buffers afterwards. No ``trust_remote_code``, no pickle.
+buffers afterwards. No ``trust_remote_code``, no pickle. Before any weight is read, the checkpoint's
+safetensors headers are checked against the module table (every tensor present, right shape, fitting
+dtype); after loading, every compressed tensor must have come from the checkpoint. Either failure is a
+one-line ``ValueError``: a compressed layer is never left with uninitialised weights.
 
 transformers has no entry-point discovery for quantizers: :func:`register` adds pifa's, and
 ``import pifa`` calls it (a plain, visible call; importing this module alone changes nothing).
@@ -33,8 +36,16 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._version import __version__
 from .format import (
-    FORMAT_VERSION, HF_CONFIG_NAME, QUANT_METHOD, SENTINEL, WEIGHTS_NAME, check_entry, check_header, compressed_modules,
-    read_header, sentinel_tensors,
+    FORMAT_VERSION,
+    HF_CONFIG_NAME,
+    QUANT_METHOD,
+    SENTINEL,
+    WEIGHTS_NAME,
+    check_entry,
+    check_header,
+    compressed_modules,
+    read_header,
+    sentinel_tensors,
 )
 from .io import replace_with_compressed_layers
 from .layers import PivotLinear, is_compressed

@@ -24,9 +24,20 @@ from torch import nn
 from ._version import __version__
 from .faults import crash_point
 from .format import (
-    CONFIG_NAME, FORMAT_VERSION, HF_CONFIG_NAME, WEIGHTS_NAME, check_entry, check_no_custom_code, check_tensor_shapes,
-    compressed_modules, is_pifa_quantization_config, is_sentinel, quant_method_of, quantization_config_dict,
-    read_pifa_config, sentinel_tensors,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    HF_CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_entry,
+    check_no_custom_code,
+    check_tensor_shapes,
+    compressed_modules,
+    is_pifa_quantization_config,
+    is_sentinel,
+    quant_method_of,
+    quantization_config_dict,
+    read_pifa_config,
+    sentinel_tensors,
 )
 from .layers import LAYER_KINDS, PivotLinear
 from .model import is_linear, linear_shape
@@ -365,6 +376,7 @@ def load_compressed(
     unexpected = [key for key in unexpected if not is_sentinel(key, spec["modules"])]
     if missing or unexpected:
         raise ValueError(
-            f"{WEIGHTS_NAME} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{WEIGHTS_NAME} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
         )
     return model.eval()

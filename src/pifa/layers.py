@@ -65,7 +65,8 @@ class _CompressedLinear(nn.Module):
         dense = self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}, params={self.num_parameters()} ({self.num_parameters() / dense:.1%} of dense)"
+            f"bias={self.bias is not None}, params={self.num_parameters()} "
+            f"({self.num_parameters() / dense:.1%} of dense)"
         )
 
     def to_linear(self) -> nn.Linear:
@@ -108,7 +109,7 @@ class LowRankLinear(_CompressedLinear):
     @classmethod
     def from_factors(
         cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> "LowRankLinear":
+    ) -> LowRankLinear:
         """Layer from ``up`` (out x rank), ``down`` (rank x in) and an optional ``bias`` (out,)."""
         check_factors(up, down, bias)
         (m, r), n = up.shape, down.shape[1]
@@ -120,7 +121,7 @@ class LowRankLinear(_CompressedLinear):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
         """Plain truncated SVD of ``linear.weight`` at ``rank``."""
         weight = dense_weight(linear)
         check_rank(rank, *weight.shape)
@@ -170,7 +171,7 @@ class PivotLinear(_CompressedLinear):
         down: torch.Tensor,
         bias: torch.Tensor | None = None,
         method: PivotMethod = DEFAULT_PIVOT_METHOD,
-    ) -> "PivotLinear":
+    ) -> PivotLinear:
         """Lossless PIFA encoding of ``up @ down`` (out x rank, rank x in) plus ``bias``."""
         check_factors(up, down, bias)
         pivoting, pivot_rows = pivot_factorize(up, down, method)
@@ -185,13 +186,13 @@ class PivotLinear(_CompressedLinear):
         return layer
 
     @classmethod
-    def from_low_rank(cls, layer: LowRankLinear, method: PivotMethod = DEFAULT_PIVOT_METHOD) -> "PivotLinear":
+    def from_low_rank(cls, layer: LowRankLinear, method: PivotMethod = DEFAULT_PIVOT_METHOD) -> PivotLinear:
         """Lossless re-encoding of a ``LowRankLinear``."""
         bias = None if layer.bias is None else layer.bias.detach()
         return cls.from_factors(layer.up.detach(), layer.down.detach(), bias, method)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, method: PivotMethod = DEFAULT_PIVOT_METHOD) -> "PivotLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int, method: PivotMethod = DEFAULT_PIVOT_METHOD) -> PivotLinear:
         """Plain truncated SVD at ``rank``, then PIFA."""
         return cls.from_low_rank(LowRankLinear.from_linear(linear, rank), method)
 

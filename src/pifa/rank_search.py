@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-Kind = Literal["pifa", "lowrank"]
+from .budget import RankKind, layer_parameters
 
 
 def discarded_energy(singular_values: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ class LayerBudget:
     out_features: int
     in_features: int
     energy: torch.Tensor
-    kind: Kind = "pifa"
+    kind: RankKind = "pifa"
     weight: float = 1.0
     min_rank: int = 1
     max_rank: int | None = None
@@ -77,9 +78,8 @@ class LayerBudget:
         return torch.arange(start, max(start, high + 1), multiple_of, dtype=torch.int64)
 
     def cost(self, rank: int | torch.Tensor | np.ndarray) -> int | torch.Tensor | np.ndarray:
-        """Parameters at ``rank``: r (m + n - r) for PIFA, r (m + n) for low-rank."""
-        width = self.out_features + self.in_features
-        return rank * (width - rank) if self.kind == "pifa" else rank * width
+        """Parameters at ``rank`` (:func:`pifa.budget.layer_parameters`, also elementwise on arrays)."""
+        return layer_parameters(self.out_features, self.in_features, rank, self.kind)
 
 
 class _Tables(NamedTuple):

@@ -28,7 +28,8 @@ def whitening(g: torch.Tensor, damping: float) -> torch.Tensor:
     g = g.to(torch.float64)
     dead = int((torch.diagonal(g) <= 0).sum())
     if dead:
-        logger.warning("%d of %d input channels are always zero (dead): X X^T is singular, damping it", dead, g.shape[0])
+        logger.warning("%d of %d input channels are always zero (dead): X X^T is singular, damping it",
+                       dead, g.shape[0])
     delta = max(damping, 1e-12) * _mean_diag(g)
     chol, info = torch.linalg.cholesky_ex(_shifted(g, delta))
     if int(info) == 0:
@@ -131,7 +132,8 @@ def _solve_left(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return solution
 
 
-def m_target(weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mix: float, ridge: float) -> tuple[torch.Tensor, float]:
+def m_target(weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mix: float,
+             ridge: float) -> tuple[torch.Tensor, float]:
     """(Y X~^T + mu W, mu) for M: W ((1 - mix) G + mix H) + mu W, mu = ridge * mean(diag G)."""
     weight = weight.to(torch.float64)
     mu = ridge * _mean_diag(g)

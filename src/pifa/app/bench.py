@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..budget import rank_for_density
 from ..layers import LowRankLinear, PivotLinear
 from ..model import find_blocks, is_linear, linear_shape, set_module
-from ..budget import rank_for_density
 from .timing import interleaved_medians, sync
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def synthetic_llama(hidden: int, mlp: int, blocks: int, vocab: int, dtype: torch
     model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
         for module in model.modules():
             if module._non_persistent_buffers_set:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from . import commands
+import torch
+
 from .._version import __version__
+from . import commands
+
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per CompressionConfig field (help and default from the field), so they never drift."""
     import dataclasses
 
-    from ..config import ALLOCATIONS, METHODS, PIVOT_METHODS, CompressionConfig
+    from ..config import ALLOCATIONS, METHODS, CompressionConfig
 
     # No argparse choices: CompressionConfig validates, so every bad value gets the same one-line error.
     listed = {"method": METHODS, "allocation": ALLOCATIONS, "pivot_method": ("lu", "qr")}
@@ -96,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pifa", description="Post-training low-rank compression of transformer models (MPIFA)."
     )
     parser.add_argument("--version", action="version", version=f"pifa {__version__}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the machine's physical cores; more oversubscribes)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="describe a compressed model directory")
     info.add_argument("path", help="directory written by pifa")
@@ -114,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     comp.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    comp.add_argument("--calib-format", choices=("text", "chat"), default="text",
+                      help="chat: wrap the calibration paragraphs as assistant replies in the model's chat template "
+                           "(for instruction-tuned models)")
+    comp.add_argument("--dry-run", action="store_true",
+                      help="print the plan (per-linear ranks and the achieved density) and write nothing")
     _add_config_flags(comp)
     comp.set_defaults(func=commands.cmd_compress)
     _add_bench(sub)
@@ -137,12 +149,38 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def physical_cores() -> int:
+    """Physical CPU cores (distinct core ids in /proc/cpuinfo), else the logical CPU count."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    cores = {(block.split("physical id")[1].split("\n")[0], block.split("core id")[1].split("\n")[0])
+             for block in text.split("\n\n") if "core id" in block and "physical id" in block}
+    return len(cores) or os.cpu_count() or 1
+
+
+def _set_up_process(threads: int | None) -> None:
+    """Determinism and threads for a CLI run (API users do this themselves, see the README).
+
+    MKL may otherwise change its thread count with the machine's load, and with it the
+    rounding of every GEMM, so that a resumed run would not reproduce an uninterrupted one
+    bit for bit; a value the user set wins.
+    """
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    torch.set_num_threads(threads or physical_cores())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"pifa: error: --threads {args.threads} must be a positive integer", file=sys.stderr)
+        return 2
+    _set_up_process(args.threads)
     _quiet_transformers()
     try:
         return args.func(args)

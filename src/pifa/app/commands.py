@@ -19,9 +19,9 @@ import safetensors
 import torch
 
 from ..budget import check_density, layer_parameters
-from ..compress import compress
+from ..compress import compress, plan
 from ..config import CompressionConfig
-from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, load_texts
+from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, chat_documents, load_texts
 from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
 from ..format import CONFIG_NAME, WEIGHTS_NAME, check_tensor_shapes, read_pifa_config
 from ..io import load_compressed, save_compressed
@@ -30,7 +30,13 @@ from ..validate import check_positive_int, check_seed, parse_dtype
 from .bench import bench_layers, bench_models, random_pivot_copy, synthetic_llama
 from .loading import load_dense, load_tokenizer, resolve_device
 from .outputs import (
-    CHECKPOINT_SUFFIX, LOCK_SUFFIX, OutputLock, check_json_target, check_no_overlap, companion, input_paths,
+    CHECKPOINT_SUFFIX,
+    LOCK_SUFFIX,
+    OutputLock,
+    check_json_target,
+    check_no_overlap,
+    companion,
+    input_paths,
     write_json_file,
 )
 from .reporting import write_report
@@ -108,6 +114,40 @@ def _check_activation_memory(model: Any, config: CompressionConfig, samples: int
                          f"calibration activations, more than this machine's {total / 2**30:.1f} GiB of memory")
 
 
+def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, dtype: Any,
+                           device: Any) -> tuple[Any, Any, torch.Tensor]:
+    """The dense model, its tokenizer and the calibration batches (plain text or chat format)."""
+    model, tokenizer = load_dense(args.model, dtype, str(device))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
+    _check_activation_memory(model, config, args.samples, args.seq_len)
+    source = args.calib
+    if args.calib_format == "chat":
+        source = chat_documents(tokenizer, load_texts(args.calib))
+    return model, tokenizer, calibration_batches(tokenizer, source, args.samples, args.seq_len, args.seed)
+
+
+def _print_plan(model: Any, config: CompressionConfig, calib: torch.Tensor, device: Any, batch_size: int) -> int:
+    """``--dry-run``: per-linear ranks (or densities) and the achieved density, without compressing."""
+    chosen, shapes = plan(model, config, calib, device=device, batch_size=batch_size)
+    rows = []
+    for name, (m, n) in shapes.items():
+        if chosen.ranks:
+            rank = chosen.ranks[name]
+            after = layer_parameters(m, n, rank, config.layer_kind)
+        else:
+            rank, after = "-", round(chosen.densities[name] * m * n)
+        score = chosen.scores.get(name)
+        rows.append({"module": name, "shape": f"{m}x{n}", "rank": rank, "density": round(after / (m * n), 4),
+                     "score": "-" if score is None else f"{score:.4g}", "before": m * n, "after": after})
+    before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
+    print(format_table(rows))
+    print(f"\nplan ({config.method}, allocation {config.allocation}): {len(rows)} linears, {after:,} of "
+          f"{before:,} weights kept, density {after / before:.4f} (target {config.density}); nothing written")
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Check every argument, lock OUT, load, calibrate, compress (resumably), save; see the README's safety section."""
     out = Path(args.out)
@@ -131,13 +171,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
     if checkpoint.exists() and not _is_checkpoint(checkpoint):
         raise ValueError(f"{str(checkpoint)!r} exists but is not a pifa checkpoint; move it away")
+    if args.dry_run:  # the plan only: nothing is written
+        model, _, calib = _model_and_calibration(args, config, dtype, device)
+        return _print_plan(model, config, calib, device, args.batch_size)
     with OutputLock(out):
-        model, tokenizer = load_dense(args.model, dtype, str(device))
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and args.seq_len > limit:
-            raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
-        _check_activation_memory(model, config, args.samples, args.seq_len)
-        calib = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+        model, tokenizer, calib = _model_and_calibration(args, config, dtype, device)
         earlier = checkpoint.exists()
         if earlier and not args.resume:
             print("pifa compress: discarding the checkpoint of an earlier run; pass --resume to continue it",
@@ -293,7 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sentences is not None and not Path(args.sentences).is_file():
         raise ValueError(f"--sentences file {args.sentences!r} does not exist (or is not a file)")
     inputs = {"the model": Path(args.model)} if Path(args.model).exists() else {}
-    for source in [*(args.ppl or []), *([args.sentences] if args.sentences else []), *([args.dense] if args.dense else [])]:
+    for source in [*(args.ppl or []), *(s for s in (args.sentences, args.dense) if s)]:
         if Path(source).exists():
             inputs[f"the input {source!r}"] = Path(source)
     check_json_target(args.json, inputs)
@@ -301,7 +339,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"kind": "eval", "model": args.model, "device": device}
     if args.ppl:
         result["perplexity"] = _perplexities(model, tokenizer, args)
-        print(format_table([{k: r[k] for k in ("source", "ppl", "seq_len", "windows", "tokens", "dtype", "bos_handling")}
+        keys = ("source", "ppl", "seq_len", "windows", "tokens", "dtype", "bos_handling")
+        print(format_table([{k: r[k] for k in keys}
                             for r in result["perplexity"]]))
     if args.tasks:
 

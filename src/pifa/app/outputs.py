@@ -97,11 +97,12 @@ class OutputLock:
 
     def __init__(self, out: str | os.PathLike) -> None:
         self.out = Path(out)
-        self.path = companion(Path(out).resolve(), LOCK_SUFFIX)
+        absolute = Path(out).absolute()  # one lock however OUT is spelled (./out, out, a/../out)
+        self.path = companion(absolute.parent.resolve() / absolute.name, LOCK_SUFFIX)
         self.created: list[Path] = []
         self.fd: int | None = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         check_writable_folder(self.out)
         self.created = missing_parents(self.path)
         try:

