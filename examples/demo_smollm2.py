@@ -17,6 +17,7 @@ import copy
 import importlib.util
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,18 @@ PROMPTS = (
     "Name the three primary colors.",
     "Write a Python function that returns the square of a number.",
 )
+
+
+def texts(data: Path) -> tuple[list[str], str, str]:
+    """Calibration documents, evaluation text and their label: WikiText-2 valid / test from ``data``,
+    or, where that folder is missing, docstrings of two disjoint sets of standard-library modules."""
+    if (data / "valid.txt").is_file() and (data / "test.txt").is_file():
+        return load_texts(data / "valid.txt"), "\n\n".join(load_texts(data / "test.txt")), "WikiText-2 valid / test"
+    print(f"{data} has no WikiText-2: calibrating and evaluating on standard-library docstrings instead")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from demo_minilm import CALIB_MODULES, EVAL_MODULES, docstrings
+
+    return docstrings(CALIB_MODULES), "\n\n".join(docstrings(EVAL_MODULES)), "stdlib docstrings (calib / eval)"
 
 
 def smollm2_gguf() -> Path:
@@ -85,14 +98,12 @@ def main() -> None:
     parser.add_argument("--json", default="results/demo_smollm2.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = Path(args.data)
-    if not (data / "valid.txt").is_file() or not (data / "test.txt").is_file():
-        raise SystemExit(f"the demo needs WikiText-2 valid.txt and test.txt in {data} (pass --data)")
+    calib_docs, test_text, text_label = texts(Path(args.data))
     steps = tqdm(total=6, desc="demo", unit="step", bar_format="{desc}: {n}/{total} steps |{bar}| {elapsed}")
     steps.set_description("demo: loading SmolLM2-135M-Instruct (GGUF)")
     dense, tokenizer = load_gguf(smollm2_gguf(), "float32", "cpu")
     steps.update()
-    documents = load_texts(data / "valid.txt")
+    documents = calib_docs
     if args.calib_format == "chat":  # an instruct model: calibrate on what it sees when it chats
         documents = chat_documents(tokenizer, documents)
     calib = calibration_batches(tokenizer, documents, args.samples, args.seq_len, seed=0)
@@ -108,9 +119,8 @@ def main() -> None:
         compressed = AutoModelForCausalLM.from_pretrained(Path(tmp) / "smollm2-pifa", dtype=torch.float32).eval()
     steps.update()
     models = {"dense": dense, f"{args.method}@{args.density}": compressed}
-    steps.set_description("demo: WikiText-2 perplexity")
-    text = "\n\n".join(load_texts(data / "test.txt"))
-    ppl = {name: perplexity_of_text(m, tokenizer, text, args.ppl_seq_len, 4, args.ppl_windows)
+    steps.set_description("demo: perplexity")
+    ppl = {name: perplexity_of_text(m, tokenizer, test_text, args.ppl_seq_len, 4, args.ppl_windows)
            for name, m in models.items()}
     steps.update()
     steps.set_description("demo: decode speed")
@@ -125,10 +135,10 @@ def main() -> None:
             for name, m in models.items()]
     first = next(iter(ppl.values()))
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.method} at density {args.density} "
-          f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} WikiText-2 valid tokens "
+          f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} tokens of {text_label} "
           f"({'as chat replies' if args.calib_format == 'chat' else 'plain text'}), "
           f"compressed in {report.seconds:.0f} s; perplexity on {first['windows']} evenly spaced "
-          f"{args.ppl_seq_len}-token WikiText-2 test windows (BOS: none); decode: batch 1, 32 tokens, "
+          f"{args.ppl_seq_len}-token test windows (BOS: none); decode: batch 1, 32 tokens, "
           f"{torch.get_num_threads()} threads")
     print(format_table(rows))
     for i, prompt in enumerate(PROMPTS):
@@ -138,7 +148,7 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "kind": "demo", "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "config": config.to_dict(),
-        "calibration": {"source": "wikitext-2 valid", "format": args.calib_format, "samples": args.samples,
+        "calibration": {"source": text_label, "format": args.calib_format, "samples": args.samples,
                         "seq_len": args.seq_len},
         "perplexity": {name: {k: v for k, v in r.items() if k != "model"} for name, r in ppl.items()},
         "rows": rows, "answers": {name: dict(zip(PROMPTS, a)) for name, a in answers.items()},
