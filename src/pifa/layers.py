@@ -43,19 +43,30 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 
 
 class _CompressedLinear(nn.Module):
-    """What both compressed layers share: shapes, bias, parameter counting, repr.
+    """What both compressed layers share: the constructor, shapes, bias, parameter counting, repr.
 
-    Subclasses define ``_dense_weight() -> Tensor`` (out, in) used by ``to_linear``.
+    Subclasses define ``_make_factors(**factory)`` (their empty parameters and buffers) and
+    ``_dense_weight() -> Tensor`` (out, in) used by ``to_linear``.
     """
 
     in_features: int
     out_features: int
     rank: int
 
-    def _init_shapes(self, in_features: int, out_features: int, rank: int, bias: bool, **factory: Any) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
         check_rank(rank, out_features, in_features)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self._make_factors(device=device, dtype=dtype)  # type: ignore[attr-defined]
 
     def num_parameters(self) -> int:
         """Stored weights plus bias (index buffers are not counted)."""
@@ -91,20 +102,9 @@ def _copy_bias(layer: _CompressedLinear, bias: torch.Tensor | None) -> None:
 class LowRankLinear(_CompressedLinear):
     """y = up(down(x)) + bias with ``down``: (rank, in_features), ``up``: (out_features, rank)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self._init_shapes(in_features, out_features, rank, bias, **factory)
-        self.down = nn.Parameter(torch.empty(rank, in_features, **factory))
-        self.up = nn.Parameter(torch.empty(out_features, rank, **factory))
+    def _make_factors(self, **factory: Any) -> None:
+        self.down = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
+        self.up = nn.Parameter(torch.empty(self.out_features, self.rank, **factory))
 
     @classmethod
     def from_factors(
@@ -145,19 +145,9 @@ class PivotLinear(_CompressedLinear):
     Cost r (out + in - r) multiply-adds per token, r^2 fewer than ``LowRankLinear``.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self._init_shapes(in_features, out_features, rank, bias, **factory)
-        self.pivot_weight = nn.Parameter(torch.empty(rank, in_features, **factory))
+    def _make_factors(self, **factory: Any) -> None:
+        rank, out_features, device = self.rank, self.out_features, factory["device"]
+        self.pivot_weight = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.coeff = nn.Parameter(torch.empty(out_features - rank, rank, **factory))
         self.register_buffer("pivot_index", torch.arange(rank, device=device))
         # Derived from pivot_index (see _refresh_index); not saved.
