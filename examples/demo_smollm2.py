@@ -46,12 +46,12 @@ def texts(data: Path) -> tuple[list[str], str, str]:
     """Calibration documents, evaluation text and their label: WikiText-2 valid / test from ``data``,
     or, where that folder is missing, docstrings of two disjoint sets of standard-library modules."""
     if (data / "valid.txt").is_file() and (data / "test.txt").is_file():
-        return load_texts(data / "valid.txt"), "\n\n".join(load_texts(data / "test.txt")), "WikiText-2 valid / test"
+        return load_texts(data / "valid.txt"), "\n\n".join(load_texts(data / "test.txt")), "WikiText-2 valid"
     print(f"{data} has no WikiText-2: calibrating and evaluating on standard-library docstrings instead")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from demo_minilm import CALIB_MODULES, EVAL_MODULES, docstrings
 
-    return docstrings(CALIB_MODULES), "\n\n".join(docstrings(EVAL_MODULES)), "stdlib docstrings (calib / eval)"
+    return docstrings(CALIB_MODULES), "\n\n".join(docstrings(EVAL_MODULES)), "standard-library docstrings"
 
 
 def smollm2_gguf() -> Path:
@@ -85,7 +85,7 @@ def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--density", type=float, default=0.8)
+    parser.add_argument("--density", type=float, default=0.9)
     parser.add_argument("--method", default="mpifa")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pifa.app.cli import main
-
 from helpers import compress_argv, make_dense_dir
+from pifa.app.cli import main
 
 
 def _listing(root):
