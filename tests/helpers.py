@@ -79,3 +79,22 @@ def compress_argv(dense_dir, out, *extra):
     calib = dense_dir.parent / "calib.txt"
     return ["compress", str(dense_dir), str(out), "--calib", str(calib), "--samples", "4", "--seq-len", "16",
             "--device", "cpu", *extra]
+
+
+class _BareLinearBlocks(torch.nn.Module):
+    """An embedding and a ModuleList of bare nn.Linear "blocks": no transformer block list at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
+def bare_linear_blocks() -> torch.nn.Module:
+    return _BareLinearBlocks()

@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import pifa
-from helpers import CALIB_TEXT, char_tokenizer, compress_argv, tiny_model
+from helpers import CALIB_TEXT, bare_linear_blocks, char_tokenizer, compress_argv, tiny_model
 from pifa import CompressionConfig, PivotLinear, load_compressed, save_compressed
 from pifa.app.cli import main
 from pifa.data import calibration_batches
@@ -347,18 +347,7 @@ CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0
 
 
 def _bare_linear_blocks():
-    class Bare(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(16, 8)
-            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
-
-        def forward(self, input_ids):
-            hidden = self.embed(input_ids)
-            for layer in self.layers:
-                hidden = layer(hidden)
-            return hidden
-    return Bare()
+    return bare_linear_blocks()
 
 
 API_CASES = {

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pifa
-from helpers import compress_argv, make_dense_dir, model_output, tiny_model
+from helpers import bare_linear_blocks, compress_argv, make_dense_dir, model_output, tiny_model
 from pifa import CompressionConfig, PivotLinear, compress, load_compressed, save_compressed
 from pifa.app.cli import main
 
@@ -105,19 +105,7 @@ def test_cli_says_overwrite_flag_never_the_keyword(tmp_path, capsys):
 
 
 def test_a_list_of_bare_linears_is_no_block_list_and_gets_no_junk_submodule():
-    class Bare(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(16, 8)
-            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
-
-        def forward(self, input_ids):
-            hidden = self.embed(input_ids)
-            for layer in self.layers:
-                hidden = layer(hidden)
-            return hidden
-
-    model = Bare()
+    model = bare_linear_blocks()
     names = [name for name, _ in model.named_modules()]
     with pytest.raises(ValueError, match="no block list found"):
         compress(model, CompressionConfig(method="svd"), torch.randint(0, 16, (4, 8)), progress=False)
