@@ -59,13 +59,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class Checkpoint:
     def __init__(self, directory: Path, state: dict[str, Any]) -> None:
         self.directory, self.state = directory, state
+        # the blocks finished when the run started: under torchrun, rank 0 saves blocks while the other
+        # ranks still ask, and every rank must make the same choice (restore or compress) for each block
+        self.finished = frozenset(state["blocks"])
 
     @classmethod
     def open(cls, directory: str | os.PathLike, config: CompressionConfig, batches: list[torch.Tensor],
-             model: nn.Module) -> Checkpoint:
-        """Open (or start) the checkpoint in ``directory``; refuse one written for other inputs."""
+             model: nn.Module, model_id: str | None = None) -> Checkpoint:
+        """Open (or start) the checkpoint in ``directory``; refuse one written for other inputs.
+
+        ``model_id``: the model's fingerprint when ``model`` does not hold its tensors (streamed runs).
+        """
         directory = Path(directory)  # created by the first save_block: bad input leaves nothing behind
-        expected = {"config": config.to_dict(), "calibration": fingerprint(batches), "model": model_fingerprint(model)}
+        expected = {"config": config.to_dict(), "calibration": fingerprint(batches),
+                    "model": model_id or model_fingerprint(model)}
         progress = directory / PROGRESS
         if progress.exists():
             try:
@@ -83,7 +90,7 @@ class Checkpoint:
         return cls(directory, {**expected, "blocks": {}})
 
     def has_block(self, index: int) -> bool:
-        return str(index) in self.state["blocks"] and (self.directory / f"block_{index:04d}.safetensors").exists()
+        return str(index) in self.finished and (self.directory / f"block_{index:04d}.safetensors").exists()
 
     def save_block(self, index: int, block: nn.Module, prefix: str, reports: list[ModuleReport]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -8,17 +8,18 @@ What each method does comes from :data:`pifa.config.METHODS`; nothing here tests
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import solver, sparse
+from . import distributed, solver, sparse
 from .budget import (
     allocate_ranks,
     layer_parameters,
@@ -57,18 +58,41 @@ class Plan:
     scores: dict[str, float] = field(default_factory=dict)  # what chose each rank (spectrum: discarded energy)
 
 
+class InMemory:
+    """Where the engine finds block weights: in the model, all the time (see ``pifa.streaming`` for the
+    streamed alternative, which loads each block when needed and writes it out when finished)."""
+
+    @contextlib.contextmanager
+    def resident(self, module: nn.Module, prefix: str) -> Iterator[None]:
+        """The block's weights are present inside the ``with`` (here: always)."""
+        yield
+
+    def finished(self, module: nn.Module, prefix: str) -> None:
+        """The block is compressed (or restored from the checkpoint) and will not change again."""
+
+    def fingerprint(self) -> str | None:
+        """The model's fingerprint for the checkpoint, or ``None`` to hash the model's own tensors."""
+        return None
+
+
 @dataclass
 class _Streams:
-    """Block inputs per batch: the compressed stream, and the dense one when M needs it."""
+    """Block inputs per batch: the compressed stream, and the dense one when M needs it;
+    ``residency`` says how to reach each block's weights (whole model in memory, or streamed)."""
 
     inputs: list[BlockInputs]
     compressed: list[torch.Tensor]
     dense: list[torch.Tensor] | None
+    residency: InMemory
+    prefix: str  # the blocks' name in the model, e.g. "model.layers"
 
     @classmethod
-    def start(cls, inputs: list[BlockInputs], two_streams: bool) -> _Streams:
+    def start(cls, inputs: list[BlockInputs], two_streams: bool, residency: InMemory, prefix: str) -> _Streams:
         hidden = [i.hidden for i in inputs]
-        return cls(inputs, hidden, list(hidden) if two_streams else None)
+        return cls(inputs, hidden, list(hidden) if two_streams else None, residency, prefix)
+
+    def resident(self, index: int, module: nn.Module) -> contextlib.AbstractContextManager[None]:
+        return self.residency.resident(module, f"{self.prefix}.{index}")
 
     def advance_compressed(self, block: nn.Module, device: torch.device, index: int) -> None:
         self.compressed = [_checked(i.call(block, h, device), index).to("cpu", h.dtype)
@@ -152,28 +176,37 @@ def compress(
     batch_size: int = 8,
     checkpoint_dir: str | None = None,
     progress: bool = True,
+    weights: InMemory | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place; returns the per-module report.
 
     ``calib`` is a LongTensor [N, T] of token ids (or an iterable of such batches).
     With ``checkpoint_dir``, every finished block is saved there and a later call with the
     same arguments resumes after the last finished block, producing identical tensors.
+    ``weights``: how block weights are reached (default: in ``model``; ``pifa.streaming`` passes
+    its own). Under torch.distributed every rank calibrates on its share of the batches.
     """
     start = time.perf_counter()
+    weights = weights or InMemory()
     batches, blocks_name, blocks, device, targets = _prepare(model, config, calib, device, batch_size)
-    checkpoint = Checkpoint.open(checkpoint_dir, config, batches, model) if checkpoint_dir else None
+    checkpoint = (Checkpoint.open(checkpoint_dir, config, batches, model, weights.fingerprint())
+                  if checkpoint_dir else None)
     report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
+    batches = distributed.shard(batches)  # several processes: each calibrates on its share
     with inference_state(model):
         with report.stage("capture"):
-            streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), config.spec.reconstruct)
+            streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), config.spec.reconstruct,
+                                     weights, blocks_name)
         with report.stage("allocate"):
             plan = _plan(config, blocks, targets, streams, device)
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         run = _Run(config, plan, streams, device, report, bar)
         for index, module in bar:
             block = _Block(index, f"{blocks_name}.{index}", module, targets[index])
-            with on_device(module, device):
-                _run_block(run, block, checkpoint)
+            with streams.resident(index, module):
+                with on_device(module, device):
+                    _run_block(run, block, checkpoint)
+                weights.finished(module, block.prefix)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -195,7 +228,8 @@ def _prepare(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | 
 
 
 def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iterable[torch.Tensor], *,
-         device: torch.device | str | None = None, batch_size: int = 8) -> tuple[Plan, dict[str, tuple[int, int]]]:
+         device: torch.device | str | None = None, batch_size: int = 8, weights: InMemory | None = None,
+         ) -> tuple[Plan, dict[str, tuple[int, int]]]:
     """What ``compress`` would do, without compressing: the plan and every targeted linear's shape.
 
     Runs the capture and, for data-driven allocations (owl, spectrum), their dense statistics pass;
@@ -203,7 +237,8 @@ def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iter
     """
     batches, blocks_name, blocks, device, targets = _prepare(model, config, calib, device, batch_size)
     with inference_state(model):
-        streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), False)
+        streams = _Streams.start(capture_first_block(model, blocks[0], distributed.shard(batches), device), False,
+                                 weights or InMemory(), blocks_name)
         return _plan(config, blocks, targets, streams, device), {n: linear_shape(m) for t in targets
                                                                  for n, m in t.items()}
 
@@ -227,7 +262,8 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
         run.report.modules += checkpoint.restore_block(block.index, block.module, block.prefix)
     else:
         run.report.modules += _compress_block(run, block)
-        if checkpoint is not None:
+        distributed.broadcast_module(block.module)  # every rank keeps rank 0's layers, bit for bit
+        if checkpoint is not None and distributed.is_main():
             checkpoint.save_block(block.index, block.module, block.prefix, run.report.modules)
     run.bar.set_postfix(stage="propagate")
     with run.report.stage("propagate"):
@@ -263,7 +299,7 @@ def _dense_spectra(config: CompressionConfig, blocks: nn.ModuleList, targets: li
     hidden = list(streams.compressed)
     spectra: dict[str, torch.Tensor] = {}
     for index, (block, linears) in enumerate(tqdm(list(zip(blocks, targets)), desc="pifa allocate", unit="block")):
-        with on_device(block, device):
+        with streams.resident(index, block), on_device(block, device):
             grams: dict[str, torch.Tensor] = {}
             outputs = []
             for inputs, h in zip(streams.inputs, hidden):
@@ -274,6 +310,7 @@ def _dense_spectra(config: CompressionConfig, blocks: nn.ModuleList, targets: li
                     grams[name] = grams[name] + (xf.T @ xf).double() if name in grams else (xf.T @ xf).double()
             hidden = outputs
             for name, module in linears.items():
+                distributed.all_reduce_sum(grams[name])
                 chol = solver.whitening(grams[name], config.damping) if config.spec.whiten else None
                 spectra[name] = solver.singular_values(_finite_weight(module, name), chol)
     return spectra
@@ -285,12 +322,14 @@ def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[
     hidden = list(streams.compressed)
     ratios, params = [], []
     for index, (block, linears) in enumerate(zip(blocks, targets)):
-        with on_device(block, device):
+        with streams.resident(index, block), on_device(block, device):
             norms = {name: 0.0 for name in linears}
             for inputs, h in zip(streams.inputs, hidden):
                 for name, module in linears.items():
                     x = layer_inputs(block, module, inputs, h, device).double()
                     norms[name] = norms[name] + x.square().sum(0)
+            for name in linears:
+                distributed.all_reduce_sum(norms[name])
             weights = [linear_weight(m) for m in linears.values()]
             ratios.append(outlier_ratio(weights, [norms[n].sqrt() for n in linears], config.owl_threshold))
             params.append(sum(w.numel() for w in weights))
@@ -315,6 +354,9 @@ def _group_statistics(run: _Run, block: _Block, first: str) -> tuple[torch.Tenso
         if dense_inputs is not None:
             x_d = dense_inputs[b].to(run.device).float()
             h = (x_d.T @ xf).double() if h is None else h.add_((x_d.T @ xf).double())
+    distributed.all_reduce_sum(g)  # several processes: the sums over every rank's tokens
+    if h is not None:
+        distributed.all_reduce_sum(h)
     return g, h
 
 

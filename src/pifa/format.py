@@ -41,8 +41,9 @@ from .layers import LAYER_KINDS, is_compressed, layer_kind
 FORMAT_VERSION = 1
 CONFIG_NAME = "pifa_config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # sharded weights (streamed compression writes one shard per block)
 HF_CONFIG_NAME = "config.json"
-REQUIRED_FILES = (HF_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)
+REQUIRED_FILES = (HF_CONFIG_NAME, CONFIG_NAME)  # plus the weights: WEIGHTS_NAME, or INDEX_NAME and its shards
 QUANT_METHOD = "pifa"  # the ``quant_method`` of the ``quantization_config`` block in config.json
 SENTINEL = "weight"  # the empty tensor named like a dense linear's weight, see ``sentinel_tensors``
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors name -> torch name
@@ -101,6 +102,7 @@ def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             raise ValueError(f"{str(path)!r} is missing {name}")
+    weight_files(path)
     try:
         spec = json.loads((path / CONFIG_NAME).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -237,9 +239,38 @@ def check_pruned_header(header: dict[str, tuple[tuple[int, ...], str]], pruned: 
             raise ValueError(f"tensor {key!r} is {dtype} in {WEIGHTS_NAME}; expected one of {', '.join(FLOAT_DTYPES)}")
 
 
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model folder: ``model.safetensors``, or the shards its index names.
+
+    An index must be a JSON object whose ``weight_map`` maps tensor names to plain file names inside
+    the folder (no paths), each of which exists.
+    """
+    path = Path(path)
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    if not (path / INDEX_NAME).is_file():
+        raise ValueError(f"{str(path)!r} is missing {WEIGHTS_NAME} (or {INDEX_NAME})")
+    try:
+        index = json.loads((path / INDEX_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{INDEX_NAME} in {str(path)!r} is not valid JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{INDEX_NAME} in {str(path)!r} has no 'weight_map' of tensor names to files")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise ValueError(f"{INDEX_NAME} in {str(path)!r} names {name!r}; shards must be .safetensors files "
+                             "in the same folder")
+        if not (path / name).is_file():
+            raise ValueError(f"{str(path)!r} is missing shard {name} that {INDEX_NAME} names")
+        files.append(path / name)
+    return files
+
+
 def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
-    """Compare ``model.safetensors``' header with the shapes and dtypes ``spec`` implies (reads no tensor data)."""
-    header = read_header([Path(path) / WEIGHTS_NAME])
+    """Compare the weights' headers with the shapes and dtypes ``spec`` implies (reads no tensor data)."""
+    header = read_header(weight_files(path))
     check_header(header, spec["modules"])
     check_pruned_header(header, spec.get("pruned", {}))
 

@@ -7,12 +7,14 @@ compressed layers, materialises it and loads the tensors. Nothing is ever unpick
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,7 @@ from .format import (
     quantization_config_dict,
     read_pifa_config,
     sentinel_tensors,
+    weight_files,
 )
 from .layers import LAYER_KINDS, PivotLinear
 from .model import is_linear, linear_shape
@@ -62,13 +65,19 @@ def write_safetensors(module: nn.Module, file: str | os.PathLike, extra: dict[st
     an order that changes from process to process, so any second key (``save_model`` adds one per tied
     tensor) would make the same model give different bytes from run to run.
     """
-    state = module.state_dict()
+    state = {name: tensor.contiguous() for name, tensor in unique_tensors(module.state_dict()).items()}
+    state.update(extra or {})
+    safetensors.torch.save_file(state, str(file), metadata={"format": "pt"})
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor shared under several names (tied weights) kept under one name, as
+    safetensors (and ``save_pretrained``) store it."""
+    state = dict(state)
     for removed in safetensors.torch._remove_duplicate_names(state).values():
         for name in removed:
             del state[name]
-    state = {name: tensor.contiguous() for name, tensor in state.items()}
-    state.update(extra or {})
-    safetensors.torch.save_file(state, str(file), metadata={"format": "pt"})
+    return state
 
 
 def writing_error(path: str | os.PathLike, exc: BaseException) -> ValueError:
@@ -128,14 +137,31 @@ def save_compressed(
     a sparse method pruned are listed under ``pruned``. A failed write (full disk, read-only folder)
     is a one-line ``ValueError`` and leaves nothing behind: no temporary folder, no parent folder it created.
     """
+    if not hasattr(model, "config"):
+        raise ValueError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
+    with staged_directory(path, overwrite) as tmp:
+        modules = compressed_modules(model)
+        write_safetensors(model, tmp / WEIGHTS_NAME, sentinel_tensors(modules, _model_dtype(model)))
+        write_metadata(model, tmp, modules, tokenizer, compression, report)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to write into; renamed to ``path`` when the block ends without error.
+
+    ``path`` may be missing or an empty folder; a non-empty folder is an error unless ``overwrite``.
+    A failed write (full disk, read-only folder) is a one-line ``ValueError``; any error leaves nothing
+    behind: no temporary folder, no parent folder this created. Temporary folders of killed runs are removed.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output {str(path)!r} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"output directory {str(path)!r} already exists and is not empty "
                          "(pass overwrite=True to replace it)")
-    if not hasattr(model, "config"):
-        raise ValueError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
     check_writable_folder(path)
     created = missing_parents(path)
     tmp = None
@@ -144,10 +170,11 @@ def save_compressed(
         for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-        _write_directory(model, tmp, tokenizer, compression, report)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        yield tmp
         crash_point("save")
+        if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"output {str(path)!r} appeared while it was being written (pass overwrite=True to "
+                             "replace it)")
         _replace_directory(tmp, path)
     except (OSError, safetensors.SafetensorError) as exc:
         if tmp is not None:
@@ -159,7 +186,6 @@ def save_compressed(
             shutil.rmtree(tmp, ignore_errors=True)
         remove_created(created)
         raise
-    return path
 
 
 def _set_quantization_config(config: Any, modules: dict[str, dict[str, Any]]) -> None:
@@ -178,14 +204,14 @@ def _set_quantization_config(config: Any, modules: dict[str, dict[str, Any]]) ->
         del config.quantization_config
 
 
-def _write_directory(model: nn.Module, directory: Path, tokenizer: Any, compression: dict[str, Any] | None,
-                     report: CompressionReport | None) -> None:
-    modules = compressed_modules(model)
+def write_metadata(model: nn.Module, directory: Path, modules: dict[str, dict[str, Any]], tokenizer: Any = None,
+                   compression: dict[str, Any] | None = None, report: CompressionReport | None = None) -> None:
+    """Everything beside the weights: ``config.json`` (with the ``quantization_config`` for ``modules``),
+    ``pifa_config.json`` and the tokenizer. ``model`` may sit on the meta device (streamed compression)."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # what from_pretrained and load_compressed build
     _set_quantization_config(config, modules)
     config.save_pretrained(directory)
-    write_safetensors(model, directory / WEIGHTS_NAME, sentinel_tensors(modules, _model_dtype(model)))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     spec: dict[str, Any] = {
@@ -372,11 +398,15 @@ def load_compressed(
     _check_quantization_config(config, spec)
     model = _build_skeleton(config, spec, load_dtype or _resolve_dtype(None, spec))
     _materialize(model, load_device)
-    missing, unexpected = safetensors.torch.load_model(model, str(Path(path) / WEIGHTS_NAME), strict=False)
-    unexpected = [key for key in unexpected if not is_sentinel(key, spec["modules"])]
+    missing: set[str] | None = None
+    unexpected: set[str] = set()
+    for file in weight_files(path):  # one file, or a streamed run's shards
+        file_missing, file_unexpected = safetensors.torch.load_model(model, str(file), strict=False)
+        missing = set(file_missing) if missing is None else missing & set(file_missing)
+        unexpected |= {key for key in file_unexpected if not is_sentinel(key, spec["modules"])}
     if missing or unexpected:
         raise ValueError(
-            f"{WEIGHTS_NAME} does not match the model: missing {sorted(missing)[:5]}, "
+            f"the weights of {str(path)!r} do not match the model: missing {sorted(missing or ())[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     return model.eval()

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from .._version import __version__
 from . import commands
 
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-format", choices=("text", "chat"), default="text",
                       help="chat: wrap the calibration paragraphs as assistant replies in the model's chat template "
                            "(for instruction-tuned models)")
+    comp.add_argument("--stream", action="store_true",
+                      help="never hold the whole model: read each block from MODEL's safetensors when it is reached "
+                           "and write it out when finished (sharded output; peak memory independent of depth)")
     comp.add_argument("--dry-run", action="store_true",
                       help="print the plan (per-linear ranks and the achieved density) and write nothing")
     _add_config_flags(comp)
@@ -188,6 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         print(f"pifa {args.command}: error: {lines[0]}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # torch.distributed: a rank died or a collective timed out
+        if not distributed.active():
+            raise
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"pifa {args.command}: error: rank {distributed.rank()}: another rank failed or did not answer "
+              f"({lines[0][:200]})", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shut_down()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,17 +19,20 @@ from typing import Any
 import safetensors
 import torch
 
+from .. import distributed
 from ..budget import check_density, layer_parameters
 from ..compress import compress, plan
 from ..config import CompressionConfig
 from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, chat_documents, load_texts
 from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
-from ..format import CONFIG_NAME, WEIGHTS_NAME, check_tensor_shapes, read_pifa_config
+from ..format import CONFIG_NAME, check_tensor_shapes, read_pifa_config, weight_files
 from ..io import load_compressed, save_compressed
+from ..streaming import StreamedWeights
 from ..tables import format_table
 from ..validate import check_positive_int, check_seed, parse_dtype
 from .bench import bench_layers, bench_models, random_pivot_copy, synthetic_llama
-from .loading import load_dense, load_tokenizer, resolve_device
+from .gguf import find_gguf
+from .loading import check_local, load_dense, load_tokenizer, resolve_device
 from .outputs import (
     CHECKPOINT_SUFFIX,
     LOCK_SUFFIX,
@@ -58,13 +62,18 @@ def _pruned_rows(path: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
 
     ``check_tensor_shapes`` has checked each tensor's shape and dtype in the header before this reads it.
     """
+    kept: dict[str, int] = {}
+    for file in weight_files(path):
+        with safetensors.safe_open(str(file), framework="pt") as handle:
+            names = set(handle.keys())
+            for name in spec.get("pruned", {}):
+                if f"{name}.weight" in names:
+                    kept[name] = int(handle.get_tensor(f"{name}.weight").count_nonzero())
     rows = []
-    with safetensors.safe_open(f"{path}/{WEIGHTS_NAME}", framework="pt") as handle:
-        for name, entry in spec.get("pruned", {}).items():
-            kept = int(handle.get_tensor(f"{name}.weight").count_nonzero())
-            m, n = entry["out_features"], entry["in_features"]
-            rows.append({"module": name, "kind": f"sparse {entry['pattern']}", "shape": f"{m}x{n}", "rank": "-",
-                         "before": m * n, "after": kept})
+    for name, entry in spec.get("pruned", {}).items():
+        m, n = entry["out_features"], entry["in_features"]
+        rows.append({"module": name, "kind": f"sparse {entry['pattern']}", "shape": f"{m}x{n}", "rank": "-",
+                     "before": m * n, "after": kept[name]})
     return rows
 
 
@@ -115,9 +124,16 @@ def _check_activation_memory(model: Any, config: CompressionConfig, samples: int
 
 
 def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, dtype: Any,
-                           device: Any) -> tuple[Any, Any, torch.Tensor]:
-    """The dense model, its tokenizer and the calibration batches (plain text or chat format)."""
-    model, tokenizer = load_dense(args.model, dtype, str(device))
+                           device: Any) -> tuple[Any, Any, torch.Tensor, StreamedWeights | None]:
+    """The dense model (streamed: its skeleton and the streamed weights), its tokenizer and the calibration
+    batches (plain text or chat format)."""
+    streamed = None
+    if args.stream:  # the skeleton on the meta device: blocks are read when the engine reaches them
+        check_local(Path(args.model))
+        streamed = StreamedWeights(args.model, None if dtype == "auto" else dtype)
+        model, tokenizer = streamed.model, load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_dense(args.model, dtype, str(device))
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
@@ -125,12 +141,13 @@ def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, 
     source = args.calib
     if args.calib_format == "chat":
         source = chat_documents(tokenizer, load_texts(args.calib))
-    return model, tokenizer, calibration_batches(tokenizer, source, args.samples, args.seq_len, args.seed)
+    return model, tokenizer, calibration_batches(tokenizer, source, args.samples, args.seq_len, args.seed), streamed
 
 
-def _print_plan(model: Any, config: CompressionConfig, calib: torch.Tensor, device: Any, batch_size: int) -> int:
+def _print_plan(model: Any, config: CompressionConfig, calib: torch.Tensor, device: Any, batch_size: int,
+                weights: StreamedWeights | None) -> int:
     """``--dry-run``: per-linear ranks (or densities) and the achieved density, without compressing."""
-    chosen, shapes = plan(model, config, calib, device=device, batch_size=batch_size)
+    chosen, shapes = plan(model, config, calib, device=device, batch_size=batch_size, weights=weights)
     rows = []
     for name, (m, n) in shapes.items():
         if chosen.ranks:
@@ -171,40 +188,63 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
     if checkpoint.exists() and not _is_checkpoint(checkpoint):
         raise ValueError(f"{str(checkpoint)!r} exists but is not a pifa checkpoint; move it away")
+    if args.stream and (not Path(args.model).is_dir() or find_gguf(Path(args.model)) is not None):
+        raise ValueError(f"--stream reads a local model folder with safetensors weights; {args.model!r} is not one")
+    distributed.init_from_environment(device)  # under torchrun: join the other ranks (no-op otherwise)
+    device = distributed.local_device(device)
+    distributed.check_same_everywhere({k: v for k, v in vars(args).items() if k != "func"}, "arguments")
     if args.dry_run:  # the plan only: nothing is written
-        model, _, calib = _model_and_calibration(args, config, dtype, device)
-        return _print_plan(model, config, calib, device, args.batch_size)
-    with OutputLock(out):
-        model, tokenizer, calib = _model_and_calibration(args, config, dtype, device)
-        earlier = checkpoint.exists()
-        if earlier and not args.resume:
+        model, _, calib, streamed = _model_and_calibration(args, config, dtype, device)
+        return _print_plan(model, config, calib, device, args.batch_size, streamed)
+    main = distributed.is_main()  # rank 0 (or the only process) locks, writes and prints
+    with OutputLock(out) if main else contextlib.nullcontext():
+        model, tokenizer, calib, streamed = _model_and_calibration(args, config, dtype, device)
+        earlier = checkpoint.exists() and args.resume
+        if checkpoint.exists() and not args.resume and main:
             print("pifa compress: discarding the checkpoint of an earlier run; pass --resume to continue it",
                   file=sys.stderr)
             shutil.rmtree(checkpoint)
-            earlier = False
+        distributed.barrier()  # no rank reads the checkpoint before rank 0 has decided its fate
+        extra = {"source": str(args.model), "calibration": {"source": str(args.calib), "samples": args.samples,
+                                                            "seq_len": args.seq_len, "seed": args.seed}}
         try:
-            report = compress(model, config, calib, device=device, batch_size=args.batch_size,
-                              checkpoint_dir=str(checkpoint))
-        except ValueError:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
-            if not earlier:
+            if streamed is not None:
+                report = streamed.compress(out, config, calib, device=device, batch_size=args.batch_size,
+                                           checkpoint_dir=str(checkpoint), tokenizer=tokenizer,
+                                           overwrite=args.overwrite, report_extra=extra, progress=main)
+            else:
+                report = compress(model, config, calib, device=device, batch_size=args.batch_size,
+                                  checkpoint_dir=str(checkpoint), progress=main)
+        except ValueError as exc:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
+            if not earlier and main:
                 shutil.rmtree(checkpoint, ignore_errors=True)
+            if args.stream and checkpoint.exists():
+                raise ValueError(f"{exc}; the finished blocks are kept in {str(checkpoint)!r}: fix it and rerun "
+                                 "with --resume") from None
             raise
-        report.config["source"] = str(args.model)
-        report.config["calibration"] = {"source": str(args.calib), "samples": args.samples,
-                                        "seq_len": args.seq_len, "seed": args.seed}
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"output directory {str(out)!r} appeared during the run (pass --overwrite to replace "
-                             f"it; --resume then reuses the finished blocks in {str(checkpoint)!r})")
-        try:
-            save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=args.overwrite,
-                            extra_files={"compression_report.json": report.to_json()}, report=report)
-        except ValueError as exc:
-            raise ValueError(f"{exc}; the finished blocks are kept in {str(checkpoint)!r}: fix it and rerun "
-                             "with --resume") from None
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    print(report.table())
-    print(f"saved to {out}")
+        report.config.update(extra)
+        if main and not args.stream:
+            _save(model, out, tokenizer, config, report, args.overwrite, checkpoint)
+        if main:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    distributed.barrier()
+    if main:
+        print(report.table())
+        print(f"saved to {out}")
     return 0
+
+
+def _save(model: Any, out: Path, tokenizer: Any, config: CompressionConfig, report: Any, overwrite: bool,
+          checkpoint: Path) -> None:
+    if out.exists() and not overwrite:
+        raise ValueError(f"output directory {str(out)!r} appeared during the run (pass --overwrite to replace "
+                         f"it; --resume then reuses the finished blocks in {str(checkpoint)!r})")
+    try:
+        save_compressed(model, out, tokenizer=tokenizer, compression=config.to_dict(), overwrite=overwrite,
+                        extra_files={"compression_report.json": report.to_json()}, report=report)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; the finished blocks are kept in {str(checkpoint)!r}: fix it and rerun "
+                         "with --resume") from None
 
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:

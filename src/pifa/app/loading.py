@@ -21,7 +21,8 @@ def resolve_device(device: str | None) -> torch.device:
     return parse_device(device)
 
 
-def _check_local(path: Path) -> None:
+def check_local(path: Path) -> None:
+    """A local model folder: config.json and safetensors weights (pickle files are never loaded)."""
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json")
     if not any(path.glob("*.safetensors")):
@@ -66,7 +67,7 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model {model!r} is not a directory (nor a .gguf file)")
-        _check_local(path)
+        check_local(path)
         check_no_custom_code(path)
         architectures = _local_architectures(path)
     elif "/" in model and not model.startswith((".", "/")):
