@@ -146,3 +146,42 @@ def test_cli_stream_refuses_a_file(straight, tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--stream" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finished_blocks_are_freed(tmp_path):
+    """Nothing of a finished block stays referenced (peak memory must not grow with depth)."""
+    import gc
+    import weakref
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    weights = StreamedWeights(tmp_path / "dense")
+    seen = []
+    original = weights.resident
+
+    def freed(ref):
+        return ref() is None or all(p.is_meta for p in ref().parameters())
+
+    def resident(module, prefix):
+        gc.collect()  # while the run goes on: every earlier block's linears are gone or empty
+        assert all(freed(ref) for ref in seen)
+        seen.extend(weakref.ref(m) for m in module.modules() if isinstance(m, torch.nn.Linear))
+        return original(module, prefix)
+
+    weights.resident = resident
+    weights.compress(tmp_path / "out", _configs()["mpifa"], CALIB, batch_size=4, progress=False)
+    assert len(seen) == 14
+    assert all(p.is_meta for p in weights.blocks.parameters())
+
+
+def test_block_memory_check(tmp_path):
+    from pifa.streaming import block_memory, check_block_memory, memory_limit
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    weights = StreamedWeights(tmp_path / "dense")
+    config = _configs()["mpifa"]
+    need = block_memory(weights.blocks[0], config, 64)
+    assert need > sum(p.numel() * 4 for p in weights.blocks[0].parameters())
+    check_block_memory(weights, config, 64, limit=need)  # just enough
+    with pytest.raises(ValueError, match=r"one block needs about .* GiB but only .* GiB"):
+        check_block_memory(weights, config, 64, limit=need - 1)
+    assert memory_limit() is None or memory_limit() > 0

@@ -202,11 +202,12 @@ def compress(
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         run = _Run(config, plan, streams, device, report, bar)
         for index, module in bar:
-            block = _Block(index, f"{blocks_name}.{index}", module, targets[index])
+            block = _Block(index, f"{blocks_name}.{index}", module, targets.pop(0))
             with streams.resident(index, module):
                 with on_device(module, device):
                     _run_block(run, block, checkpoint)
                 weights.finished(module, block.prefix)
+            del block  # the replaced linears go with it: nothing of a finished block stays referenced
     report.seconds = time.perf_counter() - start
     return report
 

@@ -217,6 +217,56 @@ class StreamedWeights:
         return report
 
 
+def memory_limit() -> int | None:
+    """Bytes this process may still use: the smaller of the cgroup's free room (v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``, less its usage) and the system's ``MemAvailable``; ``None`` when unknown."""
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, group = line.split(":", 2)
+            if controllers == "":  # v2
+                base = Path("/sys/fs/cgroup") / group.lstrip("/")
+                files = ("memory.max", "memory.current")
+            elif "memory" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/memory") / group.lstrip("/")
+                files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            else:
+                continue
+            if (base / files[0]).is_file() and (base / files[1]).is_file():
+                limit = (base / files[0]).read_text().strip()
+                if limit.isdigit() and int(limit) < 2**60:
+                    limits.append(int(limit) - int((base / files[1]).read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def block_memory(block: nn.Module, config: CompressionConfig, tokens: int) -> int:
+    """A rough upper estimate of the bytes compressing one block needs beyond what is already loaded:
+    its weights (twice with M's dense copy), float32/float64 working copies of its largest linear,
+    and the float64 statistics of its widest input (G, its factor and a shifted copy; plus H for M)."""
+    weights = sum(p.numel() * p.element_size() for p in block.parameters())
+    largest = max((p.numel() for p in block.parameters()), default=0)
+    widest = max((p.shape[-1] for p in block.parameters() if p.dim() == 2), default=0)
+    statistics = 8 * widest * widest * (4 if config.spec.reconstruct else 3)
+    return weights * (2 if config.spec.reconstruct else 1) + 16 * largest + statistics + 8 * tokens * widest
+
+
+def check_block_memory(weights: StreamedWeights, config: CompressionConfig, tokens: int,
+                       limit: int | None = None) -> None:
+    """One-line ``ValueError`` when one block cannot fit in the memory left (``limit``: measured by default)."""
+    limit = memory_limit() if limit is None else limit
+    if limit is None:
+        return
+    need = max(block_memory(block, config, tokens) for block in weights.blocks)
+    if need > limit:
+        raise ValueError(f"compressing one block needs about {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB "
+                         "of memory is left (memory limit or free memory): raise the limit or use a machine with more")
+
+
 def _load_outside_blocks(model: nn.Module, blocks_name: str, source: WeightSource, dtype: torch.dtype) -> None:
     """Read every tensor outside the blocks (embeddings, final norm, head); tied ones are tied again."""
     state = model.state_dict(keep_vars=True)

@@ -27,7 +27,7 @@ from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, chat_documents, 
 from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
 from ..format import CONFIG_NAME, check_tensor_shapes, read_pifa_config, weight_files
 from ..io import load_compressed, save_compressed
-from ..streaming import StreamedWeights
+from ..streaming import StreamedWeights, check_block_memory
 from ..tables import format_table
 from ..validate import check_positive_int, check_seed, parse_dtype
 from .bench import bench_layers, bench_models, random_pivot_copy, synthetic_llama
@@ -131,6 +131,7 @@ def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, 
     if args.stream:  # the skeleton on the meta device: blocks are read when the engine reaches them
         check_local(Path(args.model))
         streamed = StreamedWeights(args.model, None if dtype == "auto" else dtype)
+        check_block_memory(streamed, config, args.samples * args.seq_len)
         model, tokenizer = streamed.model, load_tokenizer(args.model)
     else:
         model, tokenizer = load_dense(args.model, dtype, str(device))
