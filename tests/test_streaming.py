@@ -185,3 +185,20 @@ def test_block_memory_check(tmp_path):
     with pytest.raises(ValueError, match=r"one block needs about .* GiB but only .* GiB"):
         check_block_memory(weights, config, 64, limit=need - 1)
     assert memory_limit() is None or memory_limit() > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stage_seconds_add_up_to_the_total(tmp_path, stream):
+    """The per-stage cost report accounts for the run's time (what is left is bookkeeping)."""
+    config = _configs()["mpifa"]
+    if stream:
+        tiny_model("llama").save_pretrained(tmp_path / "dense")
+        report = compress_streamed(tmp_path / "dense", tmp_path / "out", config, CALIB, batch_size=4,
+                                   progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+        assert {"load", "write", "checkpoint"} <= report.stage_seconds.keys()
+    else:
+        report = pifa.compress(tiny_model("llama"), config, CALIB, batch_size=4, progress=False)
+        assert not {"load", "write", "broadcast"} & report.stage_seconds.keys()
+    counted = sum(report.stage_seconds.values())
+    assert counted <= report.seconds
+    assert report.seconds - counted <= 0.1 * report.seconds + 0.05, report.stage_seconds

@@ -188,10 +188,12 @@ def compress(
     """
     start = time.perf_counter()
     weights = weights or InMemory()
+    streamed = type(weights) is not InMemory
     batches, blocks_name, blocks, device, targets = _prepare(model, config, calib, device, batch_size)
     checkpoint = (Checkpoint.open(checkpoint_dir, config, batches, model, weights.fingerprint())
                   if checkpoint_dir else None)
     report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
+    report.stage_seconds["setup"] = time.perf_counter() - start  # checks and the checkpoint's fingerprint
     batches = distributed.shard(batches)  # several processes: each calibrates on its share
     with inference_state(model):
         with report.stage("capture"):
@@ -203,13 +205,21 @@ def compress(
         run = _Run(config, plan, streams, device, report, bar)
         for index, module in bar:
             block = _Block(index, f"{blocks_name}.{index}", module, targets.pop(0))
-            with streams.resident(index, module):
+            with contextlib.ExitStack() as resident:
+                with _stage(report, "load", streamed):  # read the block from the safetensors files
+                    resident.enter_context(streams.resident(index, module))
                 with on_device(module, device):
                     _run_block(run, block, checkpoint)
-                weights.finished(module, block.prefix)
+                with _stage(report, "write", streamed):  # its shard of the output
+                    weights.finished(module, block.prefix)
             del block  # the replaced linears go with it: nothing of a finished block stays referenced
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _stage(report: CompressionReport, name: str, timed: bool) -> contextlib.AbstractContextManager[None]:
+    """``report.stage(name)`` when ``timed``; stages that do not apply to a run stay out of its report."""
+    return report.stage(name) if timed else contextlib.nullcontext()
 
 
 def _prepare(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iterable[torch.Tensor],
@@ -248,10 +258,11 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
     """Compress (or restore) one block, then move both streams past it."""
     resumed = checkpoint is not None and checkpoint.has_block(block.index)
     if block.linears and not resumed:
-        for name, module in block.linears.items():
-            _finite_weight(module, name)
-        local = {block.local(n): m for n, m in block.linears.items()}
-        block.groups = infer_groups(block.module, local, run.streams.inputs[0], run.device)
+        with run.report.stage("groups"):
+            for name, module in block.linears.items():
+                _finite_weight(module, name)
+            local = {block.local(n): m for n, m in block.linears.items()}
+            block.groups = infer_groups(block.module, local, run.streams.inputs[0], run.device)
     if run.streams.dense is not None:
         run.bar.set_postfix(stage="dense stream")
         with run.report.stage("propagate"):
@@ -260,12 +271,15 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
             block.dense_inputs = run.streams.advance_dense(dense, run.device, block.index, block.prefix, record)
             del dense
     if resumed:
-        run.report.modules += checkpoint.restore_block(block.index, block.module, block.prefix)
+        with run.report.stage("checkpoint"):
+            run.report.modules += checkpoint.restore_block(block.index, block.module, block.prefix)
     else:
         run.report.modules += _compress_block(run, block)
-        distributed.broadcast_module(block.module)  # every rank keeps rank 0's layers, bit for bit
+        with _stage(run.report, "broadcast", distributed.active()):
+            distributed.broadcast_module(block.module)  # every rank keeps rank 0's layers, bit for bit
         if checkpoint is not None and distributed.is_main():
-            checkpoint.save_block(block.index, block.module, block.prefix, run.report.modules)
+            with run.report.stage("checkpoint"):
+                checkpoint.save_block(block.index, block.module, block.prefix, run.report.modules)
     run.bar.set_postfix(stage="propagate")
     with run.report.stage("propagate"):
         run.streams.advance_compressed(block.module, run.device, block.index)
@@ -407,8 +421,10 @@ def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torc
         layer = build_layer(config.layer_kind, up, down, bias, weight.dtype, config.pivot_method).to(weight.device)
     set_module(block.module, local, layer)
     m, n = weight.shape
+    with report.stage("error"):
+        error = solver.output_error(weight, up @ down, g)
     return ModuleReport(full, config.layer_kind, m, n, rank, m * n, layer_parameters(m, n, rank, config.layer_kind),
-                        solver.output_error(weight, up @ down, g), run.plan.scores.get(full))
+                        error, run.plan.scores.get(full))
 
 
 def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> ModuleReport:
@@ -422,5 +438,6 @@ def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> Modu
     with torch.no_grad():
         module.weight.copy_(pruned if isinstance(module, nn.Linear) else pruned.T)
     m, n = weight.shape
-    return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)),
-                        solver.output_error(weight, pruned, g))
+    with run.report.stage("error"):
+        error = solver.output_error(weight, pruned, g)
+    return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)), error)
