@@ -103,7 +103,7 @@ def compress_command(model: Path, out: Path, args: argparse.Namespace, *extra: s
     return [sys.executable, "-m", "pifa", "--threads", str(args.threads), "compress", str(model), str(out),
             "--calib", args.calib, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
             "--batch-size", str(args.batch_size), "--method", args.method, "--density", str(args.density),
-            "--device", "cpu", *extra]
+            "--device", "cpu", *(["--targets", *args.targets] if args.targets else []), *extra]
 
 
 def equal_outputs(a: Path, b: Path) -> dict[str, Any]:
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--model", help="distributed: a model folder (safetensors)")
     parser.add_argument("--stream", action="store_true", help="distributed: with --stream")
     parser.add_argument("--method", default="mpifa")
+    parser.add_argument("--targets", nargs="+", help="fnmatch patterns of the linears to compress (default: all)")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)

@@ -389,8 +389,12 @@ def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:
             continue
         with run.report.stage("whitening"):
             chol = solver.whitening(g, run.config.damping) if spec.whiten else None
-        reports += [_solve_linear(run, block, name, g, h, chol) for name in group]
-        del g, h, chol
+        with run.report.stage("truncate"):
+            starts = {name: solver.truncate(linear_weight(block.module.get_submodule(name)), chol,
+                                            run.plan.ranks[f"{block.prefix}.{name}"]) for name in group}
+        del chol  # M needs G and H only: one (n, n) float64 matrix less at its peak
+        reports += [_solve_linear(run, block, name, g, h, starts.pop(name)) for name in group]
+        del g, h
         crash_point(f"block:{block.index}:group")
     return reports
 
@@ -403,13 +407,13 @@ def _finite_weight(module: nn.Module, full: str) -> torch.Tensor:
 
 
 def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torch.Tensor | None,
-                  chol: torch.Tensor | None) -> ModuleReport:
+                  start: tuple[torch.Tensor, torch.Tensor]) -> ModuleReport:
+    """M from the truncation ``start`` (up, down) when the method reconstructs, then the layer swap."""
     config, report, full = run.config, run.report, f"{block.prefix}.{local}"
     module = block.module.get_submodule(local)
-    weight = _finite_weight(module, full)
+    weight = linear_weight(module)
     rank = run.plan.ranks[full]
-    with report.stage("truncate"):
-        up, down = solver.truncate(weight, chol, rank)
+    up, down = start
     if config.spec.reconstruct and h is not None:
         with report.stage("m-reconstruct"):
             try:

@@ -137,7 +137,7 @@ def m_target(weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mix: float,
     """(Y X~^T + mu W, mu) for M: W ((1 - mix) G + mix H) + mu W, mu = ridge * mean(diag G)."""
     weight = weight.to(torch.float64)
     mu = ridge * _mean_diag(g)
-    cross = (1 - mix) * g.to(torch.float64) + mix * h.to(torch.float64)
+    cross = h.to(torch.float64, copy=True).mul_(mix).add_(g.to(torch.float64), alpha=1 - mix)  # one (n, n) temporary
     return torch.addmm(weight, weight, cross, beta=mu), mu
 
 
