@@ -12,7 +12,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,7 @@ from .model import (
     target_linears,
 )
 from .report import CompressionReport, ModuleReport
+from .sensitivity import MEASURE_TOKENS, SensitivityProbe, output_head
 from .validate import check_positive_int, parse_device
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Plan:
     ranks: dict[str, int] = field(default_factory=dict)
     densities: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # what chose each rank (spectrum: discarded energy)
+    cost: dict[str, float] = field(default_factory=dict)  # what a measured allocation cost (seconds, passes)
 
 
 class InMemory:
@@ -200,7 +202,8 @@ def compress(
             streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), config.spec.reconstruct,
                                      weights, blocks_name)
         with report.stage("allocate"):
-            plan = _plan(config, blocks, targets, streams, device)
+            plan = _plan(config, blocks, targets, streams, device, model, batches)
+        report.allocation_cost = plan.cost
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         run = _Run(config, plan, streams, device, report, bar)
         for index, module in bar:
@@ -250,7 +253,7 @@ def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iter
     with inference_state(model):
         streams = _Streams.start(capture_first_block(model, blocks[0], distributed.shard(batches), device), False,
                                  weights or InMemory(), blocks_name)
-        return _plan(config, blocks, targets, streams, device), {n: linear_shape(m) for t in targets
+        return _plan(config, blocks, targets, streams, device, model, batches), {n: linear_shape(m) for t in targets
                                                                  for n, m in t.items()}
 
 
@@ -286,7 +289,7 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
 
 
 def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
-          streams: _Streams, device: torch.device) -> Plan:
+          streams: _Streams, device: torch.device, model: nn.Module, batches: list[torch.Tensor]) -> Plan:
     """Per module: its rank (low-rank methods) or its density (sparse methods)."""
     shapes = {name: linear_shape(m) for t in targets for name, m in t.items()}
     if config.nm is not None:
@@ -297,13 +300,24 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
         densities = {name: min(1.0, d * scale[name]) for name, d in densities.items()}
     if not config.spec.low_rank:
         return Plan(densities=densities)
+    pools = {n: ("attention" if is_attention(n) else "mlp") if config.attn_density is not None else "all"
+             for n in shapes}
     if config.allocation == "spectrum":
         spectra = _dense_spectra(config, blocks, targets, streams, device)
-        pools = {n: ("attention" if is_attention(n) else "mlp") if config.attn_density is not None else "all"
-                 for n in shapes}
         ranks, scores = spectrum_ranks(shapes, spectra, densities, config.layer_kind, config.rank_multiple_of,
                                        pools=pools)
         return Plan(ranks=ranks, scores=scores)
+    if config.allocation == "sensitivity":
+        probe = _sensitivity_probe(config, model, blocks, streams, device, batches)
+
+        def visit(index: int, linears: dict[str, nn.Module], grams: dict[str, torch.Tensor]) -> None:
+            probe.measure_block(index, linears, grams, shapes, densities, config.layer_kind, config.spec.whiten,
+                                config.damping, config.rank_multiple_of)
+
+        _dense_pass(blocks, targets, streams, device, visit)
+        ranks, scores, cost = probe.choose(shapes, densities, pools)
+        logger.info("sensitivity allocation: %.1f s, %d block forward passes", cost.seconds, cost.forward_passes)
+        return Plan(ranks=ranks, scores=scores, cost={"seconds": cost.seconds, "forward_passes": cost.forward_passes})
     return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))
 
 
@@ -311,8 +325,22 @@ def _dense_spectra(config: CompressionConfig, blocks: nn.ModuleList, targets: li
                    streams: _Streams, device: torch.device) -> dict[str, torch.Tensor]:
     """Every targeted linear's singular values of W L (L L^T = its dense input statistics; L = I without
     whitening), from one dense pass over the calibration data."""
-    hidden = list(streams.compressed)
     spectra: dict[str, torch.Tensor] = {}
+
+    def visit(index: int, linears: dict[str, nn.Module], grams: dict[str, torch.Tensor]) -> None:
+        for name, module in linears.items():
+            chol = solver.whitening(grams[name], config.damping) if config.spec.whiten else None
+            spectra[name] = solver.singular_values(_finite_weight(module, name), chol)
+
+    _dense_pass(blocks, targets, streams, device, visit)
+    return spectra
+
+
+def _dense_pass(blocks: nn.ModuleList, targets: list[dict[str, nn.Module]], streams: _Streams, device: torch.device,
+                visit: Callable[[int, dict[str, nn.Module], dict[str, torch.Tensor]], None]) -> None:
+    """One dense pass over the calibration data; after each block, ``visit(index, its targeted linears,
+    their input statistics X X^T in float64)`` while the block is resident."""
+    hidden = list(streams.compressed)
     for index, (block, linears) in enumerate(tqdm(list(zip(blocks, targets)), desc="pifa allocate", unit="block")):
         with streams.resident(index, block), on_device(block, device):
             grams: dict[str, torch.Tensor] = {}
@@ -324,11 +352,9 @@ def _dense_spectra(config: CompressionConfig, blocks: nn.ModuleList, targets: li
                     xf = x.float()
                     grams[name] = grams[name] + (xf.T @ xf).double() if name in grams else (xf.T @ xf).double()
             hidden = outputs
-            for name, module in linears.items():
+            for name in linears:
                 distributed.all_reduce_sum(grams[name])
-                chol = solver.whitening(grams[name], config.damping) if config.spec.whiten else None
-                spectra[name] = solver.singular_values(_finite_weight(module, name), chol)
-    return spectra
+            visit(index, linears, grams)
 
 
 def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
@@ -445,3 +471,18 @@ def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> Modu
     with run.report.stage("error"):
         error = solver.output_error(weight, pruned, g)
     return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)), error)
+
+
+def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.ModuleList, streams: _Streams,
+                       device: torch.device, batches: list[torch.Tensor]) -> SensitivityProbe:
+    """The dense model's states and logits on the first ``sensitivity_samples`` calibration sequences."""
+    if type(streams.residency) is not InMemory:
+        raise ValueError("allocation 'sensitivity' runs the whole model for every measurement: it cannot stream "
+                         "(run without --stream, or use allocation 'spectrum')")
+    subset = torch.cat(batches)[: config.sensitivity_samples, :MEASURE_TOKENS]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    logits = getattr(model(input_ids=subset.to(device)), "logits", None) if head is not None else None
+    if logits is None:
+        raise ValueError("allocation 'sensitivity' measures next-token distributions: it needs a causal LM")
+    inputs = capture_first_block(model, blocks[0], [subset], device)
+    return SensitivityProbe(blocks, inputs, output_head(model, streams.prefix), [logits], device)

@@ -43,7 +43,7 @@ METHODS: dict[str, Method] = {
 }
 LOW_RANK_METHODS = tuple(name for name, method in METHODS.items() if method.low_rank)
 SPARSE_METHODS = tuple(name for name, method in METHODS.items() if not method.low_rank)
-ALLOCATIONS = ("uniform", "owl", "spectrum")
+ALLOCATIONS = ("uniform", "owl", "spectrum", "sensitivity")
 PIVOT_METHODS = ("lu", "qr")
 DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
 
@@ -62,8 +62,11 @@ class CompressionConfig:
             M reconstruction), "mpifa" (M, then PIFA re-encoding; the default).
         attn_density: optional density of the attention linears; the MLP density is
             then solved so that the total hits ``density``.
-        allocation: "uniform", "owl" (outlier-aware, per block) or "spectrum" (per-linear ranks that
-            minimise the summed discarded whitened energy within the budget; low-rank methods only).
+        allocation: "uniform", "owl" (outlier-aware, per block), "spectrum" (per-linear ranks that
+            minimise the summed discarded whitened energy within the budget) or "sensitivity"
+            (per-linear ranks that minimise the summed measured output KL within the budget);
+            the last two for low-rank methods only.
+        sensitivity_samples: calibration sequences the sensitivity allocation measures KL on.
         owl_threshold, owl_lambda: OWL's outlier multiple M and density spread l.
         mix: the M target's weight on the dense stream (lambda).
         als_steps: alternating least-squares steps of M.
@@ -82,8 +85,11 @@ class CompressionConfig:
                                   "sparse baselines: magnitude | wanda | sparsegpt | ria")
     pattern: str = _field("unstructured", "sparse methods: unstructured, or N:M such as 2:4 or 4:8")
     attn_density: float | None = _field(None, "attention density; the MLP density is solved to hit --density")
-    allocation: str = _field("uniform", "uniform, owl (outlier-aware per block) or spectrum (per-linear ranks from "
-                                        "the whitened spectra of the dense model; low-rank methods)")
+    allocation: str = _field("uniform", "uniform, owl (outlier-aware per block), spectrum (per-linear ranks from "
+                                        "the whitened spectra of the dense model) or sensitivity (per-linear ranks "
+                                        "from the measured output KL of each truncation, knapsack); the last two "
+                                        "for low-rank methods")
+    sensitivity_samples: int = _field(2, "sensitivity: calibration sequences the output KL is measured on")
     owl_threshold: float = _field(5.0, "OWL: a score is an outlier above this multiple of the mean")
     owl_lambda: float = _field(0.08, "OWL: block densities spread over density +- this")
     mix: float = _field(0.25, "M: weight of the dense stream in the target")
@@ -110,13 +116,14 @@ class CompressionConfig:
         if self.attn_density is not None:
             check_density(self.attn_density, "attn_density")
         _choice("allocation", self.allocation, ALLOCATIONS)
-        if self.allocation == "spectrum" and not self.spec.low_rank:
-            raise ValueError(f"allocation 'spectrum' chooses ranks: it needs a low-rank method "
+        if self.allocation in ("spectrum", "sensitivity") and not self.spec.low_rank:
+            raise ValueError(f"allocation {self.allocation!r} chooses ranks: it needs a low-rank method "
                              f"({', '.join(LOW_RANK_METHODS)}), not {self.method!r}")
         _choice("pivot_method", self.pivot_method, PIVOT_METHODS)
         if not 0 <= self.mix <= 1:
             raise ValueError(f"mix {self.mix!r} is outside [0, 1]")
         check_positive_int(self.als_steps, "als_steps", minimum=0)
+        check_positive_int(self.sensitivity_samples, "sensitivity_samples")
         check_positive_int(self.rank_multiple_of, "rank_multiple_of")
         for name in ("ridge", "damping", "owl_lambda", "owl_threshold"):
             if not getattr(self, name) >= 0:

@@ -33,6 +33,7 @@ class CompressionReport:
     seconds: float = 0.0
     calibration_tokens: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    allocation_cost: dict[str, float] = field(default_factory=dict)  # a measured allocation's seconds and passes
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -74,6 +75,7 @@ class CompressionReport:
             "seconds": self.seconds,
             "calibration_tokens": self.calibration_tokens,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            **({"allocation_cost": self.allocation_cost} if self.allocation_cost else {}),
             "modules": [asdict(m) for m in self.modules],
         }
 
@@ -92,4 +94,7 @@ class CompressionReport:
             f"{len(self.modules)} modules, {self.params_after:,} of {self.params_before:,} weights kept: "
             f"density {self.density:.4f} (target {self.config.get('density')}), {self.seconds:.1f} s"
         )
+        if self.allocation_cost:
+            summary += (f"; the {self.config.get('allocation')} allocation took {self.allocation_cost['seconds']:.1f} s "
+                        f"and {self.allocation_cost['forward_passes']:,} block forward passes")
         return format_table(rows) + "\n" + summary

@@ -1,0 +1,96 @@
+"""allocation="sensitivity": per-linear ranks from the measured output KL of each truncation, knapsack."""
+
+import pytest
+import torch
+
+import pifa
+from helpers import compress_argv, make_dense_dir, tiny_model
+from pifa.budget import layer_parameters
+from pifa.compress import plan
+
+CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _plan(model, method="mpifa", density=0.5, **extra):
+    config = pifa.CompressionConfig(method=method, density=density, allocation="sensitivity", **extra)
+    return plan(model, config, CALIB, batch_size=4)
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm", "m", "mpifa"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_within_budget_deterministic_and_model_untouched(method, arch):
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first, shapes = _plan(model, method)
+    second, _ = _plan(model, method)
+    assert first.ranks == second.ranks and first.scores == second.scores
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored bit for bit
+    kind = pifa.CompressionConfig(method=method).layer_kind
+    used = sum(layer_parameters(*shapes[n], r, kind) for n, r in first.ranks.items())
+    assert used <= 0.5 * sum(m * n for m, n in shapes.values())
+    assert first.cost["forward_passes"] > 0 and first.cost["seconds"] >= 0
+
+
+def test_attention_split_is_kept():
+    model = tiny_model("llama")
+    chosen, shapes = _plan(model, attn_density=0.3)
+    attention = [n for n in shapes if "self_attn" in n]
+    used = sum(layer_parameters(*shapes[n], chosen.ranks[n], "pifa") for n in attention)
+    assert used <= 0.3 * sum(shapes[n][0] * shapes[n][1] for n in attention)
+
+
+def test_a_layer_that_matters_more_gets_more_rank():
+    """Two layers of the same shape: scaling one block's MLP output up makes its truncation cost more KL."""
+    base = tiny_model("llama")
+    chosen, _ = _plan(base)
+    louder = tiny_model("llama")
+    with torch.no_grad():
+        louder.model.layers[1].mlp.down_proj.weight.mul_(8.0)
+        louder.model.layers[0].mlp.down_proj.weight.mul_(0.05)
+    loud, _ = _plan(louder)
+    name0, name1 = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
+    assert loud.ranks[name1] > loud.ranks[name0]
+    assert loud.ranks[name1] - loud.ranks[name0] > chosen.ranks[name1] - chosen.ranks[name0]
+
+
+def test_compress_records_the_allocation_and_its_cost():
+    model = tiny_model("llama")
+    config = pifa.CompressionConfig(method="mpifa", density=0.5, allocation="sensitivity")
+    report = pifa.compress(model, config, CALIB, batch_size=4, progress=False)
+    chosen, _ = _plan(tiny_model("llama"))
+    assert {m.name: m.rank for m in report.modules} == chosen.ranks
+    assert all(m.allocation_score is not None and m.allocation_score >= 0 for m in report.modules)
+    assert report.to_dict()["allocation_cost"]["forward_passes"] > 0
+    assert report.density <= 0.5
+    assert "sensitivity allocation took" in report.table()
+
+
+def test_refused_for_sparse_methods_and_when_streaming(tmp_path):
+    with pytest.raises(ValueError, match="allocation 'sensitivity' chooses ranks: it needs a low-rank method"):
+        pifa.CompressionConfig(method="wanda", density=0.5, allocation="sensitivity")
+    from pifa.streaming import compress_streamed
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    config = pifa.CompressionConfig(method="mpifa", density=0.5, allocation="sensitivity")
+    with pytest.raises(ValueError, match="cannot stream"):
+        compress_streamed(tmp_path / "dense", tmp_path / "out", config, CALIB, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_encoders_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="needs a causal LM"):
+        plan(tiny_model("bert"), pifa.CompressionConfig(method="svd-llm", allocation="sensitivity"), CALIB)
+
+
+def test_cli_dry_run_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    dense = make_dense_dir(tmp_path)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "pifa", "--threads", "1",
+                             *compress_argv(dense, out, "--allocation", "sensitivity", "--dry-run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "allocation sensitivity" in result.stdout and "nothing written" in result.stdout
+    assert not out.exists()
