@@ -95,6 +95,7 @@ class CompressionReport:
             f"density {self.density:.4f} (target {self.config.get('density')}), {self.seconds:.1f} s"
         )
         if self.allocation_cost:
-            summary += (f"; the {self.config.get('allocation')} allocation took {self.allocation_cost['seconds']:.1f} s "
-                        f"and {self.allocation_cost['forward_passes']:,} block forward passes")
+            cost = self.allocation_cost
+            summary += (f"; the {self.config.get('allocation')} allocation took {cost['seconds']:.1f} s "
+                        f"and {cost['forward_passes']:,} block forward passes")
         return format_table(rows) + "\n" + summary
