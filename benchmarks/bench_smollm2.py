@@ -98,13 +98,14 @@ def main() -> None:
                                else f"{config.method}@{config.pattern}", "density": config.density,
                                "allocation": config.allocation, "samples": samples, "achieved": report.density,
                                "ppl": ppl["ppl"], "windows": ppl["windows"], "compress_s": round(seconds, 1),
-                               "stage_seconds": report.to_dict()["stage_seconds"], "run": name})
+                               "stage_seconds": report.to_dict()["stage_seconds"], "run": name,
+                               "allocation_cost": report.allocation_cost})
         del model
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(protocol + f"; {dense_ppl['windows']} evenly spaced test windows of {dense_ppl['stream_tokens'] // 2048}")
     print(format_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                         if k not in ("stage_seconds", "run", "model")} for row in result["rows"]]))
+                         if k not in ("stage_seconds", "run", "model", "allocation_cost")} for row in result["rows"]]))
     sys.stdout.flush()
 
 
