@@ -1,5 +1,7 @@
 """allocation="sensitivity": per-linear ranks from the measured output KL of each truncation, knapsack."""
 
+import math
+
 import pytest
 import torch
 
@@ -94,3 +96,41 @@ def test_cli_dry_run_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "allocation sensitivity" in result.stdout and "nothing written" in result.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["pifa", "lowrank"])
+def test_choice_equals_brute_force_over_every_rank(kind):
+    """Measured KL at a few ranks (not convex), interpolated in between: the knapsack and fill find the
+    exact optimum over every allowed rank combination (integer budget below BINS)."""
+    import itertools
+
+    import numpy as np
+
+    from pifa.sensitivity import choose_ranks
+
+    shapes = {"a": (4, 6), "b": (6, 4), "c": (4, 4)}
+    measured = {"a": [(1, 0.9), (2, 0.2), (4, 0.0)], "b": [(1, 0.5), (3, 0.45), (4, 0.0)],
+                "c": [(1, 0.3), (2, 0.29), (3, 0.05), (4, 0.0)]}
+    if kind == "lowrank":  # top rank: the largest that costs no more than the dense layer
+        measured = {"a": [(1, 0.9), (2, 0.2)], "b": [(1, 0.5), (2, 0.45)], "c": [(1, 0.3), (2, 0.05)]}
+    options = {n: [(r, layer_parameters(*shapes[n], r, kind), kl) for r, kl in rows] for n, rows in measured.items()}
+    for density in ((0.4, 0.5, 0.75) if kind == "pifa" else (0.5, 0.6, 0.75)):
+        budget = density * 64
+        ranks, scores = choose_ranks(options, shapes, {n: density for n in shapes}, {n: "all" for n in shapes}, kind)
+        assert sum(layer_parameters(*shapes[n], r, kind) for n, r in ranks.items()) <= budget
+        best = math.inf
+        for combo in itertools.product(*(range(rows[0][0], rows[-1][0] + 1) for rows in measured.values())):
+            if sum(layer_parameters(*shapes[n], r, kind) for n, r in zip(measured, combo)) <= budget:
+                best = min(best, sum(float(np.interp(r, [x for x, _ in rows], [k for _, k in rows]))
+                                     for r, rows in zip(combo, measured.values())))
+        assert sum(scores.values()) == pytest.approx(best, abs=1e-12)
+
+
+def test_rank_multiple_of_and_the_budget_is_spent():
+    model = tiny_model("llama")
+    chosen, shapes = _plan(model, rank_multiple_of=2)
+    assert all(r % 2 == 0 or r == min(shapes[n]) for n, r in chosen.ranks.items())
+    uniform, _ = plan(model, pifa.CompressionConfig(method="mpifa", density=0.5), CALIB, batch_size=4)
+    spent = sum(layer_parameters(*shapes[n], r, "pifa") for n, r in chosen.ranks.items())
+    same = sum(layer_parameters(*shapes[n], r, "pifa") for n, r in uniform.ranks.items())
+    assert spent <= 0.5 * sum(m * n for m, n in shapes.values()) and spent >= same - 2 * max(map(sum, shapes.values()))

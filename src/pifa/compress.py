@@ -315,7 +315,7 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
                                 config.damping, config.rank_multiple_of)
 
         _dense_pass(blocks, targets, streams, device, visit)
-        ranks, scores, cost = probe.choose(shapes, densities, pools)
+        ranks, scores, cost = probe.choose(shapes, densities, pools, config.rank_multiple_of)
         logger.info("sensitivity allocation: %.1f s, %d block forward passes", cost.seconds, cost.forward_passes)
         return Plan(ranks=ranks, scores=scores, cost={"seconds": cost.seconds, "forward_passes": cost.forward_passes})
     return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))

@@ -3,10 +3,12 @@
 For every targeted linear and a few candidate densities, the linear alone is replaced by its
 whitened truncation (one eigen-decomposition per linear, every candidate rank a prefix of it)
 and the model's next-token distributions on a small calibration subset are compared with the
-dense model's: mean KL(dense || perturbed) per token. A multiple-choice knapsack
-(:func:`pifa.rank_search.knapsack_choice`) then picks one candidate per linear that minimises
-the summed KL within the parameter budget (per pool: all linears, or attention and MLP when
-the split is fixed). The weights are restored bit for bit after each measurement.
+dense model's: mean KL(dense || perturbed) per token. Between measured ranks the KL is
+interpolated linearly; a multiple-choice knapsack (:func:`pifa.rank_search.knapsack_choice`)
+over the measured and ``GRID`` evenly spaced ranks per linear, then a greedy fill of what its
+rounding left, picks one rank per linear that minimises the summed KL within the parameter
+budget (per pool: all linears, or attention and MLP when the split is fixed). The weights are
+restored bit for bit after each measurement.
 
 Cost: one forward pass of the blocks from the perturbed one onwards (plus the head) per linear
 and candidate, on ``sensitivity_samples`` sequences of at most ``MEASURE_TOKENS`` tokens; the
@@ -15,10 +17,13 @@ report records it (``allocation_cost``: seconds and block forward passes).
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,7 +35,8 @@ from .rank_search import discretise_costs, knapsack_choice
 
 CANDIDATE_DENSITIES = (0.2, 0.35, 0.5, 0.65, 0.8)  # plus each linear's uniform density, its half, and full rank
 MEASURE_TOKENS = 256  # the KL is measured on the first tokens of each measurement sequence
-BINS = 4000  # budget resolution of the knapsack: choices stay within the budget exactly, never above
+BINS = 20000  # budget resolution of the knapsack: costs round up, so choices never exceed the budget
+GRID = 48  # knapsack candidates per linear besides the measured ranks (KL interpolated), then a greedy fill
 
 
 @dataclass
@@ -90,6 +96,7 @@ class SensitivityProbe:
                 raise ValueError("allocation 'sensitivity' cannot reproduce this model's logits from its last block "
                                  "(final norm + output head); use allocation 'spectrum'")
         self.options: dict[str, list[tuple[int, int, float]]] = {}  # name -> (rank, cost, kl)
+        self.kind: str = "pifa"  # the rank cost model of the measured layers (set by measure_block)
 
     def _measure(self, first: int) -> float:
         states = self.hidden[first]
@@ -102,7 +109,7 @@ class SensitivityProbe:
                       shapes: dict[str, tuple[int, int]], densities: dict[str, float], kind: str, whiten: bool,
                       damping: float, multiple_of: int) -> None:
         """Every candidate rank of block ``index``'s linears (``grams``: their dense input statistics)."""
-        rkind = rank_kind(kind)
+        rkind = self.kind = rank_kind(kind)
         for name, module in linears.items():
             m, n = shapes[name]
             top = min(m, n) if rkind == "pifa" else min(m, n, (m * n) // (m + n))
@@ -127,18 +134,79 @@ class SensitivityProbe:
             self.options[name] = rows
 
     def choose(self, shapes: dict[str, tuple[int, int]], densities: dict[str, float], pools: dict[str, str],
-               ) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
-        """One rank per linear minimising the summed KL within each pool's budget (multiple-choice knapsack)."""
-        chosen: dict[str, int] = {}
-        scores: dict[str, float] = {}
-        names = list(self.options)
-        for pool in sorted(set(pools[name] for name in names)):
-            members = [name for name in names if pools[name] == pool]
-            budget = sum(densities[name] * shapes[name][0] * shapes[name][1] for name in members)
-            costs = [[cost for _, cost, _ in self.options[name]] for name in members]
-            units, bins = discretise_costs(costs, budget, BINS)
-            choice = knapsack_choice([list(zip(u, (kl for _, _, kl in self.options[name])))
-                                      for u, name in zip(units, members)], bins)
-            for name, j in zip(members, choice):
-                chosen[name], scores[name] = self.options[name][j][0], self.options[name][j][2]
-        return chosen, scores, SensitivityCost(time.perf_counter() - self.start, self.passes)
+               multiple_of: int = 1) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
+        """One rank per linear minimising the summed KL within each pool's budget (see :func:`choose_ranks`)."""
+        ranks, scores = choose_ranks(self.options, shapes, densities, pools, self.kind, multiple_of)
+        return ranks, scores, SensitivityCost(time.perf_counter() - self.start, self.passes)
+
+
+def _curve(rows: list[tuple[int, int, float]], multiple_of: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every allowed rank from the smallest measured one to the largest (multiples of ``multiple_of``
+    and the measured ranks) and its KL: measured, or linearly interpolated in rank in between."""
+    measured = np.array([r for r, _, _ in rows], dtype=np.int64)
+    kl = np.array([k for _, _, k in rows], dtype=np.float64)
+    low, high = int(measured[0]), int(measured[-1])
+    step = np.arange(-(-low // multiple_of) * multiple_of, high + 1, multiple_of, dtype=np.int64)
+    ranks = np.union1d(measured, step)
+    return ranks, np.interp(ranks, measured, kl)
+
+
+def choose_ranks(options: dict[str, list[tuple[int, int, float]]], shapes: dict[str, tuple[int, int]],
+                 densities: dict[str, float], pools: dict[str, str], kind: str, multiple_of: int = 1,
+                 ) -> tuple[dict[str, int], dict[str, float]]:
+    """Ranks minimising the summed KL within each pool's budget sum(density m n), and the KL of each.
+
+    ``options[name]``: (rank, parameters, KL) measured at ascending ranks. Between measured ranks
+    the KL is interpolated linearly in rank. An exact multiple-choice knapsack
+    (:func:`pifa.rank_search.knapsack_choice`, costs rounded up to ``budget / BINS`` units, so
+    never over the budget) picks among the measured ranks and ``GRID`` evenly spaced ones per
+    linear; a greedy fill then spends what the rounding left, one rank step at a time, best KL
+    drop per parameter first. With an integer budget below ``BINS`` parameters and at most
+    ``GRID`` ranks per linear the knapsack is exact over every allowed rank.
+    """
+    curves = {name: _curve(rows, multiple_of) for name, rows in options.items()}
+    chosen: dict[str, int] = {}
+    for pool in sorted(set(pools[name] for name in options)):
+        members = [name for name in options if pools[name] == pool]
+        budget = sum(densities[name] * shapes[name][0] * shapes[name][1] for name in members)
+        picks = []
+        for name in members:
+            ranks, _ = curves[name]
+            grid = ranks[np.unique(np.linspace(0, len(ranks) - 1, GRID).round().astype(np.int64))]
+            picks.append(np.union1d(grid, [r for r, _, _ in options[name]]))
+        costs = [[layer_parameters(*shapes[name], int(r), kind) for r in pick] for name, pick in zip(members, picks)]
+        units, bins = discretise_costs(costs, budget, min(BINS, max(1, math.floor(budget))))
+        scores = [np.interp(pick, *curves[name]) for name, pick in zip(members, picks)]
+        choice = knapsack_choice([list(zip(u, s.tolist())) for u, s in zip(units, scores)], bins)
+        start = {name: int(pick[j]) for name, pick, j in zip(members, picks, choice)}
+        chosen.update(_fill(start, {name: curves[name] for name in members}, shapes, kind, budget))
+    return chosen, {name: float(np.interp(rank, *curves[name])) for name, rank in chosen.items()}
+
+
+def _fill(ranks: dict[str, int], curves: dict[str, tuple[np.ndarray, np.ndarray]], shapes: dict[str, tuple[int, int]],
+          kind: str, budget: float) -> dict[str, int]:
+    """Raise ranks one allowed step at a time while they fit, largest KL drop per parameter first
+    (steps that raise the KL are never taken); deterministic (ties: name order)."""
+    index = {name: int(np.searchsorted(curves[name][0], rank)) for name, rank in ranks.items()}
+    spent = sum(layer_parameters(*shapes[name], rank, kind) for name, rank in ranks.items())
+
+    def entry(name: str) -> tuple[float, str, int] | None:
+        ranks_, kl = curves[name]
+        k = index[name]
+        if k + 1 >= len(ranks_) or kl[k + 1] > kl[k]:
+            return None
+        step = layer_parameters(*shapes[name], int(ranks_[k + 1]), kind) - layer_parameters(
+            *shapes[name], int(ranks_[k]), kind)
+        return (-(kl[k] - kl[k + 1]) / max(step, 1), name, step)
+
+    heap = [e for e in map(entry, sorted(ranks)) if e is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, name, step = heapq.heappop(heap)
+        if spent + step > budget:
+            continue  # spent only grows: this layer's next step never fits again
+        spent, index[name] = spent + step, index[name] + 1
+        following = entry(name)
+        if following is not None:
+            heapq.heappush(heap, following)
+    return {name: int(curves[name][0][k]) for name, k in index.items()}
