@@ -2,6 +2,8 @@
 
     python benchmarks/bench_quality.py --json results/quality.json > results/quality.txt
     python benchmarks/bench_quality.py --models pycode --methods svd mpifa --densities 0.5
+    python benchmarks/bench_quality.py --models pycode --methods mpifa mpifa/sensitivity \
+        --json results/allocation_pycode.json > results/allocation_pycode.txt
 
 * pycode-llama (a 5.5 M-parameter Llama trained on the Python standard library):
   calibrated on the standard-library TRAINING files (``stdlib_python_files(exclude_heldout=True)``,
@@ -49,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("svd", "svd-llm", "m", "mpifa")
 # Sparse baselines as METHOD@PATTERN, e.g. sparsegpt@2:4 (an N:M pattern fixes its own density).
 SPARSE = tuple(f"{m}@{p}" for m in ("magnitude", "wanda", "sparsegpt", "ria") for p in ("2:4", "4:8", "unstructured"))
+# Low-rank methods with a rank allocation other than uniform, as METHOD/ALLOCATION, e.g. mpifa/sensitivity.
+ALLOCATED = tuple(f"{m}/{a}" for m in METHODS for a in ("owl", "spectrum", "sensitivity"))
 DENSITIES = (0.4, 0.5, 0.6, 0.7, 0.8)
 BETTER_FIRST = ("mpifa", "m", "svd-llm", "svd")  # the expected quality order, best first
 
@@ -61,8 +65,10 @@ def _compressed(model_dir: str, method: str, density: float, calib: torch.Tensor
                 batch_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A fresh dense model compressed in place; the report without its per-module list."""
     model, _ = load_dense(model_dir, "float32", "cpu")
+    method, _, allocation = method.partition("/")
     name, _, pattern = method.partition("@")
-    config = pifa.CompressionConfig(density=density, method=name, pattern=pattern or "unstructured")
+    config = pifa.CompressionConfig(density=density, method=name, pattern=pattern or "unstructured",
+                                    allocation=allocation or "uniform")
     report = pifa.compress(model, config, calib, device="cpu", batch_size=batch_size, progress=False)
     info = report.to_dict()
     info["calib_error_mean"] = sum(m["calib_error"] for m in info["modules"]) / max(len(info["modules"]), 1)
@@ -208,8 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         minilm = None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=("pycode", "minilm"), default=["pycode", "minilm"])
-    p.add_argument("--methods", nargs="+", choices=METHODS + SPARSE, default=list(METHODS),
-                   help="low-rank methods, and sparse baselines as METHOD@PATTERN (e.g. sparsegpt@2:4)")
+    p.add_argument("--methods", nargs="+", choices=METHODS + ALLOCATED + SPARSE, default=list(METHODS),
+                   help="low-rank methods (uniform ranks, or METHOD/ALLOCATION, e.g. mpifa/sensitivity), and "
+                        "sparse baselines as METHOD@PATTERN (e.g. sparsegpt@2:4)")
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     p.add_argument("--pycode-model", type=Path, default=shared / "models" / "pycode-llama")
     p.add_argument("--minilm-model", type=Path, default=minilm)

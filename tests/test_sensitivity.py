@@ -134,3 +134,20 @@ def test_rank_multiple_of_and_the_budget_is_spent():
     spent = sum(layer_parameters(*shapes[n], r, "pifa") for n, r in chosen.ranks.items())
     same = sum(layer_parameters(*shapes[n], r, "pifa") for n, r in uniform.ranks.items())
     assert spent <= 0.5 * sum(m * n for m, n in shapes.values()) and spent >= same - 2 * max(map(sum, shapes.values()))
+
+
+def test_vocabulary_restriction(monkeypatch):
+    """The KL over the dense model's most probable tokens: the whole vocabulary gives the unrestricted
+    scores; a few tokens cover part of the probability and still give a plan within the budget."""
+    from pifa import sensitivity
+
+    model = tiny_model("llama")  # vocabulary 128
+    full, shapes = _plan(model)
+    monkeypatch.setattr(sensitivity, "MEASURE_VOCAB", 128)
+    same, _ = _plan(model)
+    assert same.ranks == full.ranks and same.scores == pytest.approx(full.scores, rel=1e-5, abs=1e-9)
+    monkeypatch.setattr(sensitivity, "MEASURE_VOCAB", 16)
+    few, _ = _plan(model)
+    assert few.scores != full.scores
+    assert sum(layer_parameters(*shapes[n], r, "pifa") for n, r in few.ranks.items()) <= 0.5 * sum(
+        m * n for m, n in shapes.values())

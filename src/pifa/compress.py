@@ -44,7 +44,7 @@ from .model import (
     target_linears,
 )
 from .report import CompressionReport, ModuleReport
-from .sensitivity import MEASURE_TOKENS, SensitivityProbe, output_head
+from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityProbe, output_head
 from .validate import check_positive_int, parse_device
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,10 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
 
         _dense_pass(blocks, targets, streams, device, visit)
         ranks, scores, cost = probe.choose(shapes, densities, pools, config.rank_multiple_of)
-        logger.info("sensitivity allocation: %.1f s, %d block forward passes", cost.seconds, cost.forward_passes)
+        logger.info("sensitivity allocation: %.1f s, %d block forward passes (KL over the %s, %.1f %% of the "
+                    "dense probability)", cost.seconds, cost.forward_passes,
+                    "whole vocabulary" if probe.coverage == 1.0 else f"{MEASURE_VOCAB} most probable tokens",
+                    100 * probe.coverage)
         return Plan(ranks=ranks, scores=scores, cost={"seconds": cost.seconds, "forward_passes": cost.forward_passes})
     return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))
 

@@ -11,8 +11,11 @@ budget (per pool: all linears, or attention and MLP when the split is fixed). Th
 restored bit for bit after each measurement.
 
 Cost: one forward pass of the blocks from the perturbed one onwards (plus the head) per linear
-and candidate, on ``sensitivity_samples`` sequences of at most ``MEASURE_TOKENS`` tokens; the
-report records it (``allocation_cost``: seconds and block forward passes).
+and candidate, on ``sensitivity_samples`` sequences of at most ``MEASURE_TOKENS`` tokens, the
+head restricted to the ``MEASURE_VOCAB`` tokens the dense model finds most probable there (the
+KL is that of the distributions conditioned on those tokens: on SmolLM2's 49,152-token
+vocabulary the full head cost 8x the blocks); the report records it (``allocation_cost``:
+seconds and block forward passes).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,7 @@ from .rank_search import discretise_costs, knapsack_choice
 
 CANDIDATE_DENSITIES = (0.2, 0.35, 0.5, 0.65, 0.8)  # plus each linear's uniform density, its half, and full rank
 MEASURE_TOKENS = 256  # the KL is measured on the first tokens of each measurement sequence
+MEASURE_VOCAB = 2048  # the KL is measured on the dense model's most probable tokens (see SensitivityProbe)
 BINS = 20000  # budget resolution of the knapsack: costs round up, so choices never exceed the budget
 GRID = 48  # knapsack candidates per linear besides the measured ranks (KL interpolated), then a greedy fill
 
@@ -57,9 +60,31 @@ def _kl(dense_logp: torch.Tensor, logits: torch.Tensor) -> float:
     return max(0.0, float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()))  # >= 0 up to round-off
 
 
-def output_head(model: nn.Module, blocks_name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function from the last block's output to the logits: the base model's final norm (and
-    output projection, when it has one), then the output embeddings. Checked by the caller."""
+class OutputHead:
+    """From the last block's output to the logits: the final norm (and output projection, when
+    there is one), then the output embeddings; ``restrict`` keeps a subset of the vocabulary."""
+
+    def __init__(self, steps: list[nn.Module], lm_head: nn.Module) -> None:
+        self.steps, self.lm_head, self.tokens = steps, lm_head, None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            hidden = step(hidden)
+        if self.tokens is None:
+            return self.lm_head(hidden)
+        bias = None if getattr(self.lm_head, "bias", None) is None else self.lm_head.bias[self.tokens]
+        return nn.functional.linear(hidden, self.weight, bias)
+
+    def restrict(self, tokens: torch.Tensor | None) -> None:
+        """Logits of ``tokens`` only (None: the whole vocabulary); needs a linear output head."""
+        self.tokens = tokens
+        if tokens is not None:
+            self.weight = self.lm_head.weight[tokens]
+
+
+def output_head(model: nn.Module, blocks_name: str) -> OutputHead:
+    """The last block's output to the logits: the base model's final norm (and output projection,
+    when it has one), then the output embeddings. Checked by the caller."""
     base = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
     steps = [getattr(base, name) for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm", "project_out")
              if isinstance(getattr(base, name, None), nn.Module)]
@@ -67,34 +92,43 @@ def output_head(model: nn.Module, blocks_name: str) -> Callable[[torch.Tensor], 
     if lm_head is None:
         raise ValueError("allocation 'sensitivity' measures next-token distributions: it needs a causal LM "
                          "with an output head")
-
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            hidden = step(hidden)
-        return lm_head(hidden)
-
-    return head
+    return OutputHead(steps, lm_head)
 
 
 class SensitivityProbe:
     """Measures, block by block, each linear's output KL at candidate ranks (see the module docs)."""
 
-    def __init__(self, blocks: nn.ModuleList, subset: list[BlockInputs], head: Callable[[torch.Tensor], torch.Tensor],
-                 logits: list[torch.Tensor], device: torch.device) -> None:
-        """``subset``: block-0 inputs of the measurement batches; ``logits``: the dense model's on them."""
+    def __init__(self, blocks: nn.ModuleList, subset: list[BlockInputs], head: OutputHead,
+                 logits: list[torch.Tensor], device: torch.device, vocab: int | None = None) -> None:
+        """``subset``: block-0 inputs of the measurement batches; ``logits``: the dense model's on them.
+
+        The output head dominates the cost of a measurement for small models with large
+        vocabularies, so the KL is measured between the next-token distributions conditioned on
+        the ``vocab`` (default ``MEASURE_VOCAB``) tokens of largest total dense probability over
+        the measured positions (the whole vocabulary when it is not larger or the head is not a
+        plain linear); ``coverage`` is the dense probability mass those tokens hold (mean over
+        positions).
+        """
         self.start = time.perf_counter()
         self.blocks, self.subset, self.head, self.device = blocks, subset, head, device
         self.hidden = [[i.hidden for i in subset]]
         for block in blocks:
             self.hidden.append([i.call(block, h, device).to("cpu", h.dtype) for i, h in zip(subset, self.hidden[-1])])
         self.passes = len(blocks) + 1
-        self.dense_logp = [torch.log_softmax(x.float(), -1) for x in logits]
         for mine, reference in zip(self.hidden[-1], logits):
             ours = head(mine.to(device)).float()
             scale = float(reference.float().abs().max()) or 1.0
             if not torch.allclose(ours, reference.float().to(ours.device), rtol=1e-3, atol=1e-3 * scale):
                 raise ValueError("allocation 'sensitivity' cannot reproduce this model's logits from its last block "
                                  "(final norm + output head); use allocation 'spectrum'")
+        probs = [torch.softmax(x.float(), -1).reshape(-1, x.shape[-1]) for x in logits]
+        self.coverage, vocab = 1.0, MEASURE_VOCAB if vocab is None else vocab
+        if vocab < logits[0].shape[-1] and isinstance(getattr(head, "lm_head", None), nn.Linear):
+            tokens = torch.cat(probs).sum(0).topk(vocab).indices.sort().values
+            self.coverage = float(torch.cat(probs)[:, tokens].sum(-1).mean())
+            head.restrict(tokens.to(device))
+            logits = [x[..., tokens.to(x.device)] for x in logits]
+        self.dense_logp = [torch.log_softmax(x.float(), -1) for x in logits]
         self.options: dict[str, list[tuple[int, int, float]]] = {}  # name -> (rank, cost, kl)
         self.kind: str = "pifa"  # the rank cost model of the measured layers (set by measure_block)
 

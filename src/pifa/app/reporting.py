@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-QUALITY_METRICS = (("heldout", "ppl"), ("wikitext", "ppl"), ("cosine", None), ("top1_agreement", None))
+QUALITY_METRICS = (("heldout", "ppl"), ("wikitext", "ppl"), ("cosine", None), ("top1_agreement", None), ("ppl", None))
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -82,10 +82,18 @@ def _plot_quality(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any) ->
     return files
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The method, with its rank allocation when that is not uniform (e.g. mpifa/sensitivity)."""
+    allocation = row.get("allocation")
+    if allocation in (None, "-", "uniform") or "/" in row["method"]:
+        return row["method"]
+    return f"{row['method']}/{allocation}"
+
+
 def _quality_lines(ax: Any, rows: list[dict[str, Any]], dense: float | None, metric: str) -> None:
-    for method in dict.fromkeys(r["method"] for r in rows):
-        ax.plot(*zip(*sorted((r["density"], r[metric]) for r in rows if r["method"] == method)),
-                marker="o", label=method)
+    for label in dict.fromkeys(map(_label, rows)):
+        ax.plot(*zip(*sorted((r["density"], r[metric]) for r in rows if _label(r) == label)),
+                marker="o", label=label)
     if dense is not None:
         ax.axhline(dense, color="gray", linestyle="--", label="dense")
     ax.set(xlabel="density (kept fraction of the targeted weights)", ylabel=metric)
@@ -101,7 +109,7 @@ def _quality_bars(ax: Any, rows: list[dict[str, Any]], dense: float | None, metr
     lower_is_better = metric.endswith("ppl")
     ranked = sorted(rows, key=lambda r: r[metric], reverse=lower_is_better)  # barh draws the last on top
     colours = ["tab:orange" if "@" in r["method"] else "tab:blue" for r in ranked]
-    ax.barh([r["method"] for r in ranked], [r[metric] for r in ranked], color=colours)
+    ax.barh([_label(r) for r in ranked], [r[metric] for r in ranked], color=colours)
     handles = [Patch(color="tab:blue", label="low-rank"), Patch(color="tab:orange", label="sparse (N:M)")]
     if dense is not None:
         handles.insert(0, ax.axvline(dense, color="gray", linestyle="--", label="dense"))
