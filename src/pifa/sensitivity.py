@@ -13,8 +13,8 @@ restored bit for bit after each measurement.
 Cost: one forward pass of the blocks from the perturbed one onwards (plus the head) per linear
 and candidate, on ``sensitivity_samples`` sequences of at most ``MEASURE_TOKENS`` tokens, the
 head restricted to the ``MEASURE_VOCAB`` tokens the dense model finds most probable there (the
-KL is that of the distributions conditioned on those tokens: on SmolLM2's 49,152-token
-vocabulary the full head cost 8x the blocks); the report records it (``allocation_cost``:
+KL is that of the distributions conditioned on those tokens: SmolLM2's full 49,152-token head
+costs as much as 8 of its 30 blocks, a third of an average measurement); the report records it (``allocation_cost``:
 seconds and block forward passes).
 """
 
