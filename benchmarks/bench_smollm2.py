@@ -9,8 +9,10 @@ of the dense model and is calibrated on ``--samples`` x ``--seq-len`` tokens of 
 validation text (seed 0); perplexity is measured on WikiText-2 test in non-overlapping
 2048-token windows, tokenized once without special tokens (no BOS prepended), on ``--windows``
 evenly spaced windows (0: all). A run is ``METHOD@DENSITY[/ALLOCATION][#SAMPLES]`` for low-rank
-methods (svd, svd-llm, m, mpifa; allocation uniform, owl or spectrum) and ``METHOD@N:M`` for
-sparse ones. Rows are written to ``--json`` as soon as each run finishes.
+methods (svd, svd-llm, m, mpifa; allocation uniform, owl, spectrum or sensitivity) and ``METHOD@N:M`` for
+sparse ones. Rows are written to ``--json`` as soon as each run finishes. Sensitivity runs share
+one ``pifa.SensitivityCache``: the first measures every candidate rank (``allocate_s``), later
+densities only the ranks not yet measured.
 """
 
 from __future__ import annotations
@@ -87,17 +89,19 @@ def main() -> None:
     result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": "dense", "density": 1.0, "allocation": "-",
                            "samples": 0, "achieved": 1.0, "ppl": dense_ppl["ppl"], "windows": dense_ppl["windows"],
                            "compress_s": 0.0})
+    cache = pifa.SensitivityCache()  # a density sweep measures each linear's KL at a rank once
     for (config, samples), name in tqdm(list(zip(runs, args.runs)), desc="smollm2 runs", unit="run"):
         calib = calibration_batches(tokenizer, data / "valid.txt", samples, args.seq_len, seed=0)
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        report = pifa.compress(model, config, calib, device="cpu")
+        report = pifa.compress(model, config, calib, device="cpu", sensitivity_cache=cache)
         seconds = time.perf_counter() - start
         ppl = evaluate(model, tokenizer, test, args)
         result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": config.method if config.nm is None
                                else f"{config.method}@{config.pattern}", "density": config.density,
                                "allocation": config.allocation, "samples": samples, "achieved": report.density,
                                "ppl": ppl["ppl"], "windows": ppl["windows"], "compress_s": round(seconds, 1),
+                               "allocate_s": round(report.allocation_cost.get("seconds", 0.0), 1),
                                "stage_seconds": report.to_dict()["stage_seconds"], "run": name,
                                "allocation_cost": report.allocation_cost})
         del model

@@ -13,9 +13,9 @@ from pifa.compress import plan
 CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _plan(model, method="mpifa", density=0.5, **extra):
+def _plan(model, method="mpifa", density=0.5, cache=None, **extra):
     config = pifa.CompressionConfig(method=method, density=density, allocation="sensitivity", **extra)
-    return plan(model, config, CALIB, batch_size=4)
+    return plan(model, config, CALIB, batch_size=4, sensitivity_cache=cache)
 
 
 @pytest.mark.parametrize("method", ["svd", "svd-llm", "m", "mpifa"])
@@ -151,3 +151,19 @@ def test_vocabulary_restriction(monkeypatch):
     assert few.scores != full.scores
     assert sum(layer_parameters(*shapes[n], r, "pifa") for n, r in few.ranks.items()) <= 0.5 * sum(
         m * n for m, n in shapes.values())
+
+
+def test_cache_reuses_measurements_across_densities_and_gives_the_same_plans():
+    model = tiny_model("llama")
+    cache = pifa.SensitivityCache()
+    reused = []
+    for density in (0.5, 0.6, 0.5):
+        fresh, _ = _plan(model, density=density)
+        cached, _ = _plan(model, density=density, cache=cache)
+        assert cached.ranks == fresh.ranks and cached.scores == fresh.scores
+        reused.append(cached.cost["reused_measurements"])
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] > reused[1]
+    assert cached.cost["forward_passes"] == 1 + len(model.model.layers)  # all reused: only the dense states
+    other = tiny_model("llama", seed=1)  # another model: the cache starts afresh
+    again, _ = _plan(other, cache=cache)
+    assert again.cost["reused_measurements"] == 0 and again.ranks == _plan(other)[0].ranks

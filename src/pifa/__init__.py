@@ -6,6 +6,7 @@ Public API::
     pifa.LowRankLinear, pifa.PivotLinear          # compressed layers
     pifa.rank_for_density(out, in, density, kind)  # rank maths
     pifa.save_compressed(model, path), pifa.load_compressed(path)
+    pifa.SensitivityCache()                        # reuse sensitivity measurements across a density sweep
 
 ``import pifa`` registers the ``"pifa"`` quantization method with transformers (the one visible
 call at the end of this file), so that ``AutoModel*.from_pretrained`` loads pifa checkpoints.
@@ -22,6 +23,7 @@ from .io import load_compressed, save_compressed
 from .layers import LowRankLinear, PivotLinear
 from .pivot import select_pivots
 from .report import CompressionReport
+from .sensitivity import SensitivityCache
 
 __all__ = [
     "METHODS",
@@ -29,6 +31,7 @@ __all__ = [
     "CompressionReport",
     "LowRankLinear",
     "PivotLinear",
+    "SensitivityCache",
     "__version__",
     "compress",
     "load_compressed",

@@ -44,7 +44,7 @@ from .model import (
     target_linears,
 )
 from .report import CompressionReport, ModuleReport
-from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityProbe, output_head
+from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityCache, SensitivityProbe, output_head
 from .validate import check_positive_int, parse_device
 
 logger = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ def compress(
     checkpoint_dir: str | None = None,
     progress: bool = True,
     weights: InMemory | None = None,
+    sensitivity_cache: SensitivityCache | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place; returns the per-module report.
 
@@ -187,6 +188,8 @@ def compress(
     same arguments resumes after the last finished block, producing identical tensors.
     ``weights``: how block weights are reached (default: in ``model``; ``pifa.streaming`` passes
     its own). Under torch.distributed every rank calibrates on its share of the batches.
+    ``sensitivity_cache``: allocation "sensitivity" reuses the measurements it holds from earlier
+    calls on the same dense model (a density sweep; see :class:`pifa.sensitivity.SensitivityCache`).
     """
     start = time.perf_counter()
     weights = weights or InMemory()
@@ -202,7 +205,7 @@ def compress(
             streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), config.spec.reconstruct,
                                      weights, blocks_name)
         with report.stage("allocate"):
-            plan = _plan(config, blocks, targets, streams, device, model, batches)
+            plan = _plan(config, blocks, targets, streams, device, model, batches, sensitivity_cache)
         report.allocation_cost = plan.cost
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         run = _Run(config, plan, streams, device, report, bar)
@@ -243,7 +246,7 @@ def _prepare(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | 
 
 def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iterable[torch.Tensor], *,
          device: torch.device | str | None = None, batch_size: int = 8, weights: InMemory | None = None,
-         ) -> tuple[Plan, dict[str, tuple[int, int]]]:
+         sensitivity_cache: SensitivityCache | None = None) -> tuple[Plan, dict[str, tuple[int, int]]]:
     """What ``compress`` would do, without compressing: the plan and every targeted linear's shape.
 
     Runs the capture and, for data-driven allocations (owl, spectrum), their dense statistics pass;
@@ -253,8 +256,8 @@ def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iter
     with inference_state(model):
         streams = _Streams.start(capture_first_block(model, blocks[0], distributed.shard(batches), device), False,
                                  weights or InMemory(), blocks_name)
-        return _plan(config, blocks, targets, streams, device, model, batches), {n: linear_shape(m) for t in targets
-                                                                 for n, m in t.items()}
+        shapes = {n: linear_shape(m) for t in targets for n, m in t.items()}
+        return _plan(config, blocks, targets, streams, device, model, batches, sensitivity_cache), shapes
 
 
 def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
@@ -289,7 +292,8 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
 
 
 def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
-          streams: _Streams, device: torch.device, model: nn.Module, batches: list[torch.Tensor]) -> Plan:
+          streams: _Streams, device: torch.device, model: nn.Module, batches: list[torch.Tensor],
+          sensitivity_cache: SensitivityCache | None = None) -> Plan:
     """Per module: its rank (low-rank methods) or its density (sparse methods)."""
     shapes = {name: linear_shape(m) for t in targets for name, m in t.items()}
     if config.nm is not None:
@@ -308,7 +312,7 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
                                        pools=pools)
         return Plan(ranks=ranks, scores=scores)
     if config.allocation == "sensitivity":
-        probe = _sensitivity_probe(config, model, blocks, streams, device, batches)
+        probe = _sensitivity_probe(config, model, blocks, streams, device, batches, sensitivity_cache)
 
         def visit(index: int, linears: dict[str, nn.Module], grams: dict[str, torch.Tensor]) -> None:
             probe.measure_block(index, linears, grams, shapes, densities, config.layer_kind, config.spec.whiten,
@@ -316,11 +320,12 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
 
         _dense_pass(blocks, targets, streams, device, visit)
         ranks, scores, cost = probe.choose(shapes, densities, pools, config.rank_multiple_of)
-        logger.info("sensitivity allocation: %.1f s, %d block forward passes (KL over the %s, %.1f %% of the "
-                    "dense probability)", cost.seconds, cost.forward_passes,
+        logger.info("sensitivity allocation: %.1f s, %d block forward passes, %d measurements reused (KL over the "
+                    "%s, %.1f %% of the dense probability)", cost.seconds, cost.forward_passes, cost.reused,
                     "whole vocabulary" if probe.coverage == 1.0 else f"{MEASURE_VOCAB} most probable tokens",
                     100 * probe.coverage)
-        return Plan(ranks=ranks, scores=scores, cost={"seconds": cost.seconds, "forward_passes": cost.forward_passes})
+        return Plan(ranks=ranks, scores=scores, cost={"seconds": cost.seconds, "forward_passes": cost.forward_passes,
+                                                      "reused_measurements": cost.reused})
     return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))
 
 
@@ -477,7 +482,8 @@ def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> Modu
 
 
 def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.ModuleList, streams: _Streams,
-                       device: torch.device, batches: list[torch.Tensor]) -> SensitivityProbe:
+                       device: torch.device, batches: list[torch.Tensor],
+                       cache: SensitivityCache | None = None) -> SensitivityProbe:
     """The dense model's states and logits on the first ``sensitivity_samples`` calibration sequences."""
     if type(streams.residency) is not InMemory:
         raise ValueError("allocation 'sensitivity' runs the whole model for every measurement: it cannot stream "
@@ -488,4 +494,4 @@ def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.M
     if logits is None:
         raise ValueError("allocation 'sensitivity' measures next-token distributions: it needs a causal LM")
     inputs = capture_first_block(model, blocks[0], [subset], device)
-    return SensitivityProbe(blocks, inputs, output_head(model, streams.prefix), [logits], device)
+    return SensitivityProbe(blocks, inputs, output_head(model, streams.prefix), [logits], device, cache=cache)

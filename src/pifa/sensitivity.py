@@ -20,6 +20,7 @@ seconds and block forward passes).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 import time
@@ -46,6 +47,27 @@ GRID = 48  # knapsack candidates per linear besides the measured ranks (KL inter
 class SensitivityCost:
     seconds: float
     forward_passes: int  # block forward passes (each over the subset), head passes counted as one each
+    reused: int = 0  # measurements taken from a SensitivityCache instead of measured
+
+
+class SensitivityCache:
+    """Measured KLs kept across ``compress``/``plan`` calls, for a sweep over densities of one model.
+
+    Pass the same instance to every call (``sensitivity_cache=``). A measurement is reused only
+    when the dense model's logits on the measurement subset are bit-identical to those of the
+    run that measured it (same model, calibration subset and measurement settings) and the
+    linear, rank and truncation (layer kind, whitening, damping) are the same; anything else
+    empties the cache and measures afresh. Measurements never depend on the target density,
+    so a sweep measures only the ranks it has not seen.
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.kl: dict[tuple[str, str, bool, float, int], float] = {}
+
+    def start(self, key: str) -> None:
+        if key != self.key:
+            self.key, self.kl = key, {}
 
 
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -99,7 +121,8 @@ class SensitivityProbe:
     """Measures, block by block, each linear's output KL at candidate ranks (see the module docs)."""
 
     def __init__(self, blocks: nn.ModuleList, subset: list[BlockInputs], head: OutputHead,
-                 logits: list[torch.Tensor], device: torch.device, vocab: int | None = None) -> None:
+                 logits: list[torch.Tensor], device: torch.device, vocab: int | None = None,
+                 cache: SensitivityCache | None = None) -> None:
         """``subset``: block-0 inputs of the measurement batches; ``logits``: the dense model's on them.
 
         The output head dominates the cost of a measurement for small models with large
@@ -107,9 +130,14 @@ class SensitivityProbe:
         the ``vocab`` (default ``MEASURE_VOCAB``) tokens of largest total dense probability over
         the measured positions (the whole vocabulary when it is not larger or the head is not a
         plain linear); ``coverage`` is the dense probability mass those tokens hold (mean over
-        positions).
+        positions). ``cache``: earlier measurements on the same dense model (see SensitivityCache).
         """
         self.start = time.perf_counter()
+        self.cache, self.reused = cache or SensitivityCache(), 0
+        digest = hashlib.sha256(repr((MEASURE_TOKENS, MEASURE_VOCAB if vocab is None else vocab)).encode())
+        for x in logits:
+            digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        self.cache.start(digest.hexdigest())
         self.blocks, self.subset, self.head, self.device = blocks, subset, head, device
         self.hidden = [[i.hidden for i in subset]]
         for block in blocks:
@@ -149,29 +177,30 @@ class SensitivityProbe:
             top = min(m, n) if rkind == "pifa" else min(m, n, (m * n) // (m + n))
             wanted = (*CANDIDATE_DENSITIES, densities[name], densities[name] / 2)
             ranks = sorted({min(top, max(1, rank_for_density(m, n, d, rkind, multiple_of))) for d in wanted} | {top})
-            weight = linear_weight(module)
-            original = module.weight.detach().clone()
-            chol = solver.whitening(grams[name], damping) if whiten else None
-            up, down = solver.truncate(weight, chol, top)
-            rows = []
-            try:
-                for rank in ranks:
-                    if rank == min(m, n):
-                        kl = 0.0  # full rank (PIFA only): the dense layer's cost and, to round-off, its weight
-                    else:
+            measured = {r: 0.0 if r == min(m, n) else self.cache.kl.get((name, rkind, whiten, damping, r))
+                        for r in ranks}  # full rank (PIFA only): the dense layer's cost and, to round-off, its weight
+            missing = [r for r, kl in measured.items() if kl is None]
+            self.reused += len(ranks) - len(missing) - (top == min(m, n))
+            if missing:
+                weight = linear_weight(module)
+                original = module.weight.detach().clone()
+                chol = solver.whitening(grams[name], damping) if whiten else None
+                up, down = solver.truncate(weight, chol, top)
+                try:
+                    for rank in missing:
                         _set_weight(module, (up[:, :rank] @ down[:rank]).to(weight.dtype))
-                        kl = self._measure(index)
-                    rows.append((rank, layer_parameters(m, n, rank, rkind), kl))
-            finally:
-                with torch.no_grad():
-                    module.weight.copy_(original)
+                        measured[rank] = self.cache.kl[(name, rkind, whiten, damping, rank)] = self._measure(index)
+                finally:
+                    with torch.no_grad():
+                        module.weight.copy_(original)
+            rows = [(r, layer_parameters(m, n, r, rkind), measured[r]) for r in ranks]
             self.options[name] = rows
 
     def choose(self, shapes: dict[str, tuple[int, int]], densities: dict[str, float], pools: dict[str, str],
                multiple_of: int = 1) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
         """One rank per linear minimising the summed KL within each pool's budget (see :func:`choose_ranks`)."""
         ranks, scores = choose_ranks(self.options, shapes, densities, pools, self.kind, multiple_of)
-        return ranks, scores, SensitivityCost(time.perf_counter() - self.start, self.passes)
+        return ranks, scores, SensitivityCost(time.perf_counter() - self.start, self.passes, self.reused)
 
 
 def _curve(rows: list[tuple[int, int, float]], multiple_of: int) -> tuple[np.ndarray, np.ndarray]:
