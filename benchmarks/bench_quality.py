@@ -61,6 +61,9 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8-sig", errors="replace")  # WikiText files start with a BOM
 
 
+SENSITIVITY = pifa.SensitivityCache()  # a density sweep measures each linear's KL at a rank once
+
+
 def _compressed(model_dir: str, method: str, density: float, calib: torch.Tensor,
                 batch_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A fresh dense model compressed in place; the report without its per-module list."""
@@ -69,7 +72,8 @@ def _compressed(model_dir: str, method: str, density: float, calib: torch.Tensor
     name, _, pattern = method.partition("@")
     config = pifa.CompressionConfig(density=density, method=name, pattern=pattern or "unstructured",
                                     allocation=allocation or "uniform")
-    report = pifa.compress(model, config, calib, device="cpu", batch_size=batch_size, progress=False)
+    report = pifa.compress(model, config, calib, device="cpu", batch_size=batch_size, progress=False,
+                           sensitivity_cache=SENSITIVITY)
     info = report.to_dict()
     info["calib_error_mean"] = sum(m["calib_error"] for m in info["modules"]) / max(len(info["modules"]), 1)
     del info["modules"]

@@ -7,6 +7,7 @@ shared machine.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import resource
 import statistics
@@ -157,15 +158,21 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _cache_name(model: nn.Module) -> str:
+    """The KV cache's argument and output name: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, device: str) -> float:
     """Seconds for ``steps`` greedy single-token forwards with the KV cache (the prompt is not timed)."""
+    name = _cache_name(model)
     out = model(input_ids=prompt, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{name: past})
+        past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
     sync(device)
     return time.perf_counter() - start
 
