@@ -74,7 +74,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     parser.add_argument("--json", default="results/smollm2.json")
+    parser.add_argument("--show", metavar="JSON", help="print the table of an earlier run's results file and exit")
     args = parser.parse_args()
+    if args.show:
+        return show(json.loads(Path(args.show).read_text()))
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     dense, tokenizer = load_gguf(gguf_path(), "float32", "cpu")
@@ -107,7 +110,16 @@ def main() -> None:
         del model
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(protocol + f"; {dense_ppl['windows']} evenly spaced test windows of {dense_ppl['stream_tokens'] // 2048}")
+    result["test_windows"] = dense_ppl["stream_tokens"] // 2048
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    show(result)
+
+
+def show(result: dict[str, Any]) -> None:
+    """The protocol line and the table of a results file's rows."""
+    windows = result["rows"][0]["windows"]
+    total = f" of {result['test_windows']}" if "test_windows" in result else ""
+    print(result["protocol"] + f"; {windows} evenly spaced test windows{total}")
     print(format_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                          if k not in ("stage_seconds", "run", "model", "allocation_cost")} for row in result["rows"]]))
     sys.stdout.flush()
