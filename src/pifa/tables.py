@@ -11,10 +11,11 @@ def _cell(value: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table with a header row and right-aligned numbers (floats to 6 digits)."""
+    """A plain-text table with a header row and right-aligned numbers (floats to 6 digits); the
+    columns are every key of any row, in order of first appearance (missing cells stay empty)."""
     if not rows:
         return "(empty)"
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[_cell(row.get(c, "")) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     def line(values: Sequence[str]) -> str:
