@@ -149,11 +149,11 @@ class SensitivityProbe:
             if not torch.allclose(ours, reference.float().to(ours.device), rtol=1e-3, atol=1e-3 * scale):
                 raise ValueError("allocation 'sensitivity' cannot reproduce this model's logits from its last block "
                                  "(final norm + output head); use allocation 'spectrum'")
-        probs = [torch.softmax(x.float(), -1).reshape(-1, x.shape[-1]) for x in logits]
         self.coverage, vocab = 1.0, MEASURE_VOCAB if vocab is None else vocab
         if vocab < logits[0].shape[-1] and isinstance(getattr(head, "lm_head", None), nn.Linear):
-            tokens = torch.cat(probs).sum(0).topk(vocab).indices.sort().values
-            self.coverage = float(torch.cat(probs)[:, tokens].sum(-1).mean())
+            probs = torch.cat([torch.softmax(x.float(), -1).reshape(-1, x.shape[-1]) for x in logits])
+            tokens = probs.sum(0).topk(vocab).indices.sort().values
+            self.coverage = float(probs[:, tokens].sum(-1).mean())
             head.restrict(tokens.to(device))
             logits = [x[..., tokens.to(x.device)] for x in logits]
         self.dense_logp = [torch.log_softmax(x.float(), -1) for x in logits]
