@@ -11,8 +11,9 @@ validation text (seed 0); perplexity is measured on WikiText-2 test in non-overl
 evenly spaced windows (0: all). A run is ``METHOD@DENSITY[/ALLOCATION][#SAMPLES]`` for low-rank
 methods (svd, svd-llm, m, mpifa; allocation uniform, owl, spectrum or sensitivity) and ``METHOD@N:M`` for
 sparse ones. Rows are written to ``--json`` as soon as each run finishes. Sensitivity runs share
-one ``pifa.SensitivityCache``: the first measures every candidate rank (``allocate_s``), later
-densities only the ranks not yet measured.
+one ``pifa.SensitivityCache`` (kept in the ``--cache`` file across invocations): the first on a
+calibration set measures every candidate rank (``allocate_s``), later densities only the ranks not
+yet measured.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     parser.add_argument("--json", default="results/smollm2.json")
+    parser.add_argument("--cache", help="sensitivity measurements kept in this JSON file between invocations")
     parser.add_argument("--show", metavar="JSON", help="print the table of an earlier run's results file and exit")
     args = parser.parse_args()
     if args.show:
@@ -92,7 +94,7 @@ def main() -> None:
     result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": "dense", "density": 1.0, "allocation": "-",
                            "samples": 0, "achieved": 1.0, "ppl": dense_ppl["ppl"], "windows": dense_ppl["windows"],
                            "compress_s": 0.0})
-    cache = pifa.SensitivityCache()  # a density sweep measures each linear's KL at a rank once
+    cache = pifa.SensitivityCache(args.cache)  # a density sweep measures each linear's KL at a rank once
     for (config, samples), name in tqdm(list(zip(runs, args.runs)), desc="smollm2 runs", unit="run"):
         calib = calibration_batches(tokenizer, data / "valid.txt", samples, args.seq_len, seed=0)
         model = copy.deepcopy(dense)

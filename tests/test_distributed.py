@@ -121,3 +121,14 @@ def test_a_dying_rank_makes_the_other_exit_with_one_line(runs, tmp_path):
     assert len(errors) == 1 and "rank 0" in errors[0], err0[-2000:]
     assert time.monotonic() - start < 200
     assert not (tmp_path / "out").exists()
+
+
+def test_sensitivity_allocation_is_the_same_on_every_rank(runs, tmp_path):
+    """Every rank measures the KL on the same sequences (not its own shard), so the ranks agree with
+    one process's and the model too."""
+    dense, _ = runs
+    extra = ("--allocation", "sensitivity")
+    one = single(*compress_argv(dense, tmp_path / "one", *ARGS, *extra))
+    two = torchrun(*compress_argv(dense, tmp_path / "two", *ARGS, *extra))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert _max_relative_difference(tmp_path / "one", tmp_path / "two") < 1e-5

@@ -167,3 +167,59 @@ def test_cache_reuses_measurements_across_densities_and_gives_the_same_plans():
     other = tiny_model("llama", seed=1)  # another model: the cache starts afresh
     again, _ = _plan(other, cache=cache)
     assert again.cost["reused_measurements"] == 0 and again.ranks == _plan(other)[0].ranks
+
+
+def test_cache_file_persists_measurements_between_processes(tmp_path):
+    """A cache file written by one run gives the next (a new SensitivityCache, as in a new process) every
+    measurement back; the plans are the same as fresh ones."""
+    model, path = tiny_model("llama"), tmp_path / "kl.json"
+    first, _ = _plan(model, cache=pifa.SensitivityCache(path))
+    assert path.exists() and first.cost["reused_measurements"] == 0
+    second, _ = _plan(model, cache=pifa.SensitivityCache(path))
+    assert second.ranks == first.ranks and second.scores == first.scores
+    assert second.cost["forward_passes"] == 1 + len(model.model.layers)  # every measurement read from the file
+    other = tiny_model("llama", seed=1)
+    _plan(other, cache=pifa.SensitivityCache(path))  # another model: kept beside the first, under its own key
+    third, _ = _plan(model, cache=pifa.SensitivityCache(path))
+    assert third.cost["forward_passes"] == 1 + len(model.model.layers)
+
+
+def test_cache_is_not_reused_for_other_calibration_with_the_same_measurement_subset():
+    """More calibration sequences change the whitening even when the measured sequences are the same."""
+    model, cache = tiny_model("llama"), pifa.SensitivityCache()
+    _plan(model, cache=cache)
+    config = pifa.CompressionConfig(method="mpifa", density=0.5, allocation="sensitivity")
+    more = torch.cat([CALIB, torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))])
+    chosen, _ = plan(model, config, more, batch_size=4, sensitivity_cache=cache)
+    assert chosen.cost["reused_measurements"] == 0
+    assert chosen.ranks == plan(model, config, more, batch_size=4)[0].ranks
+
+
+@pytest.mark.parametrize("text", ["not json", '{"format": "something else", "keys": {}}',
+                                  '{"format": "pifa-sensitivity-cache", "version": 1, "keys": {"k": [[1, 2]]}}',
+                                  '{"format": "pifa-sensitivity-cache", "version": 1, '
+                                  '"keys": {"k": [["a", "pifa", true, 0.0, 3, -1.0]]}}'])
+def test_a_bad_cache_file_is_one_line_and_left_alone(tmp_path, text):
+    path = tmp_path / "kl.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="is not a pifa sensitivity cache") as error:
+        pifa.SensitivityCache(path)
+    assert "\n" not in str(error.value) and path.read_text() == text
+
+
+def test_cli_sensitivity_cache(tmp_path, capsys):
+    from pifa.app.cli import main
+
+    dense = make_dense_dir(tmp_path)
+    cache = tmp_path / "kl.json"
+    argv = compress_argv(dense, tmp_path / "out", "--allocation", "sensitivity", "--dry-run",
+                         "--sensitivity-cache", str(cache))
+    assert main(argv) == 0 and cache.exists() and not (tmp_path / "out").exists()
+    first = capsys.readouterr().out
+    assert main(argv) == 0 and capsys.readouterr().out == first  # the same plan from the file
+    assert main(compress_argv(dense, tmp_path / "out", "--sensitivity-cache", str(cache))) == 2
+    assert "--allocation sensitivity" in capsys.readouterr().err
+    assert main(compress_argv(dense, tmp_path / "out", "--allocation", "sensitivity",
+                              "--sensitivity-cache", str(dense / "kl.json"))) == 2  # inside the model folder
+    assert "pifa never writes over or into its inputs" in capsys.readouterr().err
+    assert not (dense / "kl.json").exists() and not (tmp_path / "out").exists()

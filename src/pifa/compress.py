@@ -199,12 +199,11 @@ def compress(
                   if checkpoint_dir else None)
     report = CompressionReport(config.to_dict(), calibration_tokens=sum(b.numel() for b in batches))
     report.stage_seconds["setup"] = time.perf_counter() - start  # checks and the checkpoint's fingerprint
-    batches = distributed.shard(batches)  # several processes: each calibrates on its share
     with inference_state(model):
-        with report.stage("capture"):
-            streams = _Streams.start(capture_first_block(model, blocks[0], batches, device), config.spec.reconstruct,
-                                     weights, blocks_name)
-        with report.stage("allocate"):
+        with report.stage("capture"):  # several processes: each calibrates on its share of the batches
+            streams = _Streams.start(capture_first_block(model, blocks[0], distributed.shard(batches), device),
+                                     config.spec.reconstruct, weights, blocks_name)
+        with report.stage("allocate"):  # all the batches: every rank measures the same sensitivity subset
             plan = _plan(config, blocks, targets, streams, device, model, batches, sensitivity_cache)
         report.allocation_cost = plan.cost
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
@@ -484,7 +483,8 @@ def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> Modu
 def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.ModuleList, streams: _Streams,
                        device: torch.device, batches: list[torch.Tensor],
                        cache: SensitivityCache | None = None) -> SensitivityProbe:
-    """The dense model's states and logits on the first ``sensitivity_samples`` calibration sequences."""
+    """The dense model's states and logits on the first ``sensitivity_samples`` calibration sequences
+    (of all the batches, under torch.distributed too: every rank measures the same and chooses the same)."""
     if type(streams.residency) is not InMemory:
         raise ValueError("allocation 'sensitivity' runs the whole model for every measurement: it cannot stream "
                          "(run without --stream, or use allocation 'spectrum')")
@@ -494,4 +494,5 @@ def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.M
     if logits is None:
         raise ValueError("allocation 'sensitivity' measures next-token distributions: it needs a causal LM")
     inputs = capture_first_block(model, blocks[0], [subset], device)
-    return SensitivityProbe(blocks, inputs, output_head(model, streams.prefix), [logits], device, cache=cache)
+    return SensitivityProbe(blocks, inputs, output_head(model, streams.prefix), [logits], device, cache=cache,
+                            calibration=batches)

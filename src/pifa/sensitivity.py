@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import solver
+from . import distributed, solver
 from .budget import layer_parameters, rank_for_density, rank_kind
 from .capture import BlockInputs
 from .model import linear_weight
@@ -55,19 +58,68 @@ class SensitivityCache:
 
     Pass the same instance to every call (``sensitivity_cache=``). A measurement is reused only
     when the dense model's logits on the measurement subset are bit-identical to those of the
-    run that measured it (same model, calibration subset and measurement settings) and the
-    linear, rank and truncation (layer kind, whitening, damping) are the same; anything else
-    empties the cache and measures afresh. Measurements never depend on the target density,
-    so a sweep measures only the ranks it has not seen.
+    run that measured it and the calibration tokens are the same (they set the whitening), with
+    the same measurement settings, linear, rank and truncation (layer kind, whitening, damping);
+    measurements never depend on the target density, so a sweep measures only the ranks it has
+    not seen.
+
+    ``path``: a JSON file that keeps the measurements between processes (``pifa compress
+    --sensitivity-cache``). It is read when the cache is made (a file that is not a pifa
+    sensitivity cache is an error, never overwritten) and rewritten atomically after every
+    measured block, so an interrupted run keeps what it measured. It holds the measurements of
+    every model and calibration it has seen, each under its own key.
     """
 
-    def __init__(self) -> None:
+    FORMAT = "pifa-sensitivity-cache"
+    VERSION = 1
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else Path(path)
         self.key: str | None = None
         self.kl: dict[tuple[str, str, bool, float, int], float] = {}
+        self.store: dict[str, dict[tuple[str, str, bool, float, int], float]] = {}
+        if self.path is not None and self.path.exists():
+            self.store = self._read(self.path)
 
     def start(self, key: str) -> None:
         if key != self.key:
-            self.key, self.kl = key, {}
+            self.key = key
+            self.kl = self.store.setdefault(key, {})
+
+    @classmethod
+    def _read(cls, path: Path) -> dict[str, dict[tuple[str, str, bool, float, int], float]]:
+        problem = f"{str(path)!r} is not a pifa sensitivity cache"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{problem} ({type(exc).__name__})") from None
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT or not isinstance(data.get("keys"), dict):
+            raise ValueError(problem)
+        if data.get("version") != cls.VERSION:
+            raise ValueError(f"{problem} of version {cls.VERSION} (it says {data.get('version')!r})")
+        store = {}
+        try:
+            for key, rows in data["keys"].items():
+                store[str(key)] = {(str(name), str(kind), bool(whiten), float(damping), int(rank)): float(kl)
+                                   for name, kind, whiten, damping, rank, kl in rows}
+        except (TypeError, ValueError):
+            raise ValueError(f"{problem} (malformed entries)") from None
+        if not all(math.isfinite(kl) and kl >= 0 for rows in store.values() for kl in rows.values()):
+            raise ValueError(f"{problem} (a KL is negative or not finite)")
+        return store
+
+    def flush(self) -> None:
+        """Write every measurement to ``path`` (atomically; rank 0 only under torch.distributed)."""
+        if self.path is None or not distributed.is_main():
+            return
+        keys = {key: [[*entry, kl] for entry, kl in sorted(rows.items())] for key, rows in self.store.items() if rows}
+        text = json.dumps({"format": self.FORMAT, "version": self.VERSION, "keys": keys}) + "\n"
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -122,7 +174,7 @@ class SensitivityProbe:
 
     def __init__(self, blocks: nn.ModuleList, subset: list[BlockInputs], head: OutputHead,
                  logits: list[torch.Tensor], device: torch.device, vocab: int | None = None,
-                 cache: SensitivityCache | None = None) -> None:
+                 cache: SensitivityCache | None = None, calibration: list[torch.Tensor] = ()) -> None:
         """``subset``: block-0 inputs of the measurement batches; ``logits``: the dense model's on them.
 
         The output head dominates the cost of a measurement for small models with large
@@ -130,13 +182,17 @@ class SensitivityProbe:
         the ``vocab`` (default ``MEASURE_VOCAB``) tokens of largest total dense probability over
         the measured positions (the whole vocabulary when it is not larger or the head is not a
         plain linear); ``coverage`` is the dense probability mass those tokens hold (mean over
-        positions). ``cache``: earlier measurements on the same dense model (see SensitivityCache).
+        positions). ``cache``: earlier measurements on the same dense model (see SensitivityCache);
+        ``calibration``: every calibration batch (their tokens set the whitening, so they are part
+        of the cache key).
         """
         self.start = time.perf_counter()
         self.cache, self.reused = cache or SensitivityCache(), 0
         digest = hashlib.sha256(repr((MEASURE_TOKENS, MEASURE_VOCAB if vocab is None else vocab)).encode())
-        for x in logits:
-            digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        for x in (*logits, *calibration):
+            digest.update(repr((x.dtype, tuple(x.shape))).encode())
+            x = x.detach().cpu()
+            digest.update((x.float() if x.is_floating_point() else x.long()).contiguous().numpy().tobytes())
         self.cache.start(digest.hexdigest())
         self.blocks, self.subset, self.head, self.device = blocks, subset, head, device
         self.hidden = [[i.hidden for i in subset]]
@@ -195,6 +251,7 @@ class SensitivityProbe:
                         module.weight.copy_(original)
             rows = [(r, layer_parameters(m, n, r, rkind), measured[r]) for r in ranks]
             self.options[name] = rows
+        self.cache.flush()
 
     def choose(self, shapes: dict[str, tuple[int, int]], densities: dict[str, float], pools: dict[str, str],
                multiple_of: int = 1) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:

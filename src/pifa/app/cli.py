@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--stream", action="store_true",
                       help="never hold the whole model: read each block from MODEL's safetensors when it is reached "
                            "and write it out when finished (sharded output; peak memory independent of depth)")
+    comp.add_argument("--sensitivity-cache", metavar="FILE",
+                      help="--allocation sensitivity: keep the measured KLs in this JSON file and reuse them in later "
+                           "runs on the same model and calibration (e.g. at other densities)")
     comp.add_argument("--dry-run", action="store_true",
                       help="print the plan (per-linear ranks and the achieved density) and write nothing")
     _add_config_flags(comp)

@@ -27,6 +27,7 @@ from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, chat_documents, 
 from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
 from ..format import CONFIG_NAME, check_tensor_shapes, read_pifa_config, weight_files
 from ..io import load_compressed, save_compressed
+from ..sensitivity import SensitivityCache
 from ..streaming import StreamedWeights, check_block_memory
 from ..tables import format_table
 from ..validate import check_positive_int, check_seed, parse_dtype
@@ -145,10 +146,28 @@ def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, 
     return model, tokenizer, calibration_batches(tokenizer, source, args.samples, args.seq_len, args.seed), streamed
 
 
+def _sensitivity_cache(path: str | None, config: CompressionConfig, inputs: dict[str, Path],
+                       out: Path) -> SensitivityCache | None:
+    """``--sensitivity-cache``: checked and read before anything is loaded (a bad file: one line)."""
+    if path is None:
+        return None
+    if config.allocation != "sensitivity":
+        raise ValueError(f"--sensitivity-cache keeps the measurements of --allocation sensitivity, not "
+                         f"{config.allocation!r}")
+    check_no_overlap(path, {**inputs, "output": out}, "--sensitivity-cache")
+    if Path(path).is_dir():
+        raise ValueError(f"--sensitivity-cache {path!r} is a directory; give a file name")
+    if not Path(path).resolve().parent.is_dir():
+        raise ValueError(f"--sensitivity-cache {path!r}: its directory does not exist")
+    return SensitivityCache(path)
+
+
 def _print_plan(model: Any, config: CompressionConfig, calib: torch.Tensor, device: Any, batch_size: int,
-                weights: StreamedWeights | None) -> int:
-    """``--dry-run``: per-linear ranks (or densities) and the achieved density, without compressing."""
-    chosen, shapes = plan(model, config, calib, device=device, batch_size=batch_size, weights=weights)
+                weights: StreamedWeights | None, cache: SensitivityCache | None = None) -> int:
+    """``--dry-run``: per-linear ranks (or densities) and the achieved density, without compressing
+    (a ``--sensitivity-cache`` is the one file it writes, when the user asks for it)."""
+    chosen, shapes = plan(model, config, calib, device=device, batch_size=batch_size, weights=weights,
+                          sensitivity_cache=cache)
     rows = []
     for name, (m, n) in shapes.items():
         if chosen.ranks:
@@ -183,6 +202,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     checkpoint, lock = companion(out, CHECKPOINT_SUFFIX), companion(out, LOCK_SUFFIX)
     for path, what in ((out, "output"), (checkpoint, "checkpoint"), (lock, "lock file")):
         check_no_overlap(path, inputs, what)
+    cache = _sensitivity_cache(args.sensitivity_cache, config, inputs, out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} exists and is not a directory")
     if out.exists() and not args.overwrite:
@@ -196,7 +216,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     distributed.check_same_everywhere({k: v for k, v in vars(args).items() if k != "func"}, "arguments")
     if args.dry_run:  # the plan only: nothing is written
         model, _, calib, streamed = _model_and_calibration(args, config, dtype, device)
-        return _print_plan(model, config, calib, device, args.batch_size, streamed)
+        return _print_plan(model, config, calib, device, args.batch_size, streamed, cache)
     main = distributed.is_main()  # rank 0 (or the only process) locks, writes and prints
     with OutputLock(out) if main else contextlib.nullcontext():
         model, tokenizer, calib, streamed = _model_and_calibration(args, config, dtype, device)
@@ -215,7 +235,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                            overwrite=args.overwrite, report_extra=extra, progress=main)
             else:
                 report = compress(model, config, calib, device=device, batch_size=args.batch_size,
-                                  checkpoint_dir=str(checkpoint), progress=main)
+                                  checkpoint_dir=str(checkpoint), progress=main, sensitivity_cache=cache)
         except ValueError as exc:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
             if not earlier and main:
                 shutil.rmtree(checkpoint, ignore_errors=True)
