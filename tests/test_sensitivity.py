@@ -207,6 +207,13 @@ def test_a_bad_cache_file_is_one_line_and_left_alone(tmp_path, text):
     assert "\n" not in str(error.value) and path.read_text() == text
 
 
+def test_a_cache_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        pifa.SensitivityCache(tmp_path)
+    with pytest.raises(ValueError, match="does not exist or is not writable"):
+        pifa.SensitivityCache(tmp_path / "missing" / "kl.json")
+
+
 def test_cli_sensitivity_cache(tmp_path, capsys):
     from pifa.app.cli import main
 

@@ -78,7 +78,13 @@ class SensitivityCache:
         self.key: str | None = None
         self.kl: dict[tuple[str, str, bool, float, int], float] = {}
         self.store: dict[str, dict[tuple[str, str, bool, float, int], float]] = {}
-        if self.path is not None and self.path.exists():
+        if self.path is None:
+            return
+        if self.path.is_dir():
+            raise ValueError(f"sensitivity cache {str(path)!r} is a directory; give a file name")
+        if not os.access(self.path.resolve().parent, os.W_OK):
+            raise ValueError(f"sensitivity cache {str(path)!r}: its directory does not exist or is not writable")
+        if self.path.exists():
             self.store = self._read(self.path)
 
     def start(self, key: str) -> None:

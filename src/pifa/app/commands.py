@@ -155,10 +155,6 @@ def _sensitivity_cache(path: str | None, config: CompressionConfig, inputs: dict
         raise ValueError(f"--sensitivity-cache keeps the measurements of --allocation sensitivity, not "
                          f"{config.allocation!r}")
     check_no_overlap(path, {**inputs, "output": out}, "--sensitivity-cache")
-    if Path(path).is_dir():
-        raise ValueError(f"--sensitivity-cache {path!r} is a directory; give a file name")
-    if not Path(path).resolve().parent.is_dir():
-        raise ValueError(f"--sensitivity-cache {path!r}: its directory does not exist")
     return SensitivityCache(path)
 
 
