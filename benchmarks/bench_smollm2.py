@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     parser.add_argument("--json", default="results/smollm2.json")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to those already in --json (same protocol; the dense row is checked)")
     parser.add_argument("--cache", help="sensitivity measurements kept in this JSON file between invocations")
     parser.add_argument("--show", metavar="JSON", help="print the table of an earlier run's results file and exit")
     args = parser.parse_args()
@@ -111,6 +113,11 @@ def main() -> None:
     result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": "dense", "density": 1.0, "allocation": "-",
                            "samples": 0, "achieved": 1.0, "ppl": dense_ppl["ppl"], "windows": dense_ppl["windows"],
                            "compress_s": 0.0})
+    if args.append and Path(args.json).exists():  # more runs under the same protocol: keep the earlier rows
+        earlier = json.loads(Path(args.json).read_text())
+        if earlier.get("protocol") != protocol or earlier["rows"][0]["ppl"] != dense_ppl["ppl"]:
+            raise SystemExit(f"--append: {args.json} was measured under another protocol or dense model")
+        result["rows"] = earlier["rows"]
     cache = pifa.SensitivityCache(args.cache)  # a density sweep measures each linear's KL at a rank once
     for (config, samples), name in tqdm(list(zip(runs, args.runs)), desc="smollm2 runs", unit="run"):
         calib = calibration_batches(tokenizer, data / "valid.txt", samples, args.seq_len, seed=0)
