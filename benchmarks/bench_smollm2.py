@@ -146,7 +146,8 @@ def show(result: dict[str, Any]) -> None:
     """The protocol line and the table of a results file's rows."""
     windows = result["rows"][0]["windows"]
     total = f" of {result['test_windows']}" if "test_windows" in result else ""
-    print(result["protocol"] + f"; {windows} evenly spaced test windows{total}")
+    split = "valid" if "VALID" in result["protocol"] else "test"
+    print(result["protocol"] + f"; {windows} evenly spaced {split} windows{total}")
     print(format_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                          if k not in ("stage_seconds", "run", "model", "allocation_cost")} for row in result["rows"]]))
     sys.stdout.flush()
