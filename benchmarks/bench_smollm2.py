@@ -46,18 +46,17 @@ DEFAULT_RUNS = ("mpifa@0.5", "mpifa@0.5/spectrum", "svd-llm@0.5", "sparsegpt@2:4
 
 def parse_run(run: str, samples: int) -> tuple[pifa.CompressionConfig, int]:
     """``METHOD@DENSITY[/ALLOCATION][#SAMPLES][,FIELD=VALUE...]`` or ``METHOD@N:M[#SAMPLES]`` -> (config,
-    calibration samples); FIELD is a CompressionConfig field such as mix, ridge, als_steps or damping."""
+    calibration samples); FIELD is one of TUNED (mix, als_steps, ridge, damping, sensitivity_samples)."""
     run, *overrides = run.split(",")
     spec, _, count = run.partition("#")
     head, _, allocation = spec.partition("/")
     method, _, value = head.partition("@")
-    types = {f.name: f.type for f in dataclasses.fields(pifa.CompressionConfig)}
     extra = {}
     for item in overrides:
         key, _, text = item.partition("=")
-        if key not in types or not text:
-            raise SystemExit(f"run {run!r}: {item!r} is not FIELD=VALUE of a CompressionConfig field")
-        extra[key] = int(text) if "int" in str(types[key]) else float(text)
+        if key not in TUNED or not text:
+            raise SystemExit(f"run {run!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(TUNED)}")
+        extra[key] = type(DEFAULTS[key])(text)
     if ":" in value:
         config = pifa.CompressionConfig(method=method, pattern=value, **extra)
     else:

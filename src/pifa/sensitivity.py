@@ -66,7 +66,7 @@ class SensitivityCache:
     ``path``: a JSON file that keeps the measurements between processes (``pifa compress
     --sensitivity-cache``). It is read when the cache is made (a file that is not a pifa
     sensitivity cache is an error, never overwritten) and rewritten atomically after every
-    measured block, so an interrupted run keeps what it measured. It holds the measurements of
+    linear it measured, so an interrupted run keeps what it measured. It holds the measurements of
     every model and calibration it has seen, each under its own key.
     """
 
@@ -255,9 +255,9 @@ class SensitivityProbe:
                 finally:
                     with torch.no_grad():
                         module.weight.copy_(original)
+                self.cache.flush()  # what was measured survives an interruption
             rows = [(r, layer_parameters(m, n, r, rkind), measured[r]) for r in ranks]
             self.options[name] = rows
-        self.cache.flush()
 
     def choose(self, shapes: dict[str, tuple[int, int]], densities: dict[str, float], pools: dict[str, str],
                multiple_of: int = 1) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
