@@ -45,7 +45,7 @@ import pifa
 from pifa.app.loading import load_dense
 from pifa.data import calibration_batches, stdlib_python_files
 from pifa.evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_ids, text_token_ids
-from pifa.tables import format_table
+from pifa.tables import format_table, pivot
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("svd", "svd-llm", "m", "mpifa")
@@ -242,11 +242,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--json", type=Path, default=ROOT / "results" / "quality.json")
+    p.add_argument("--show", type=Path, metavar="JSON",
+                   help="print the tables of an earlier run's results file and exit")
     return p.parse_args(argv)
+
+
+def show(rows: list[dict[str, Any]], checks: list[dict[str, Any]], methods: list[str], seconds: float,
+         threads: int) -> None:
+    """The tables of a sweep: per model its rows, and for a sweep over methods and densities the score
+    (held-out perplexity, or cosine) by method and density; then the expected-order checks."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        found = [r for r in rows if r["model"] == model]
+        kind = "pycode" if "heldout" in found[0] else "minilm"
+        print(_describe(found, kind))
+        print(_pycode_table(found) if kind == "pycode" else _minilm_table(found))
+        compressed = [r for r in found if r["method"] != "dense"]
+        if len({r["density"] for r in compressed}) > 1 and len({r["method"] for r in compressed}) > 1:
+            metric = "ppl heldout" if kind == "pycode" else "cosine"
+            print(f"\n{metric} by method (rows) and density (columns)")
+            print(format_table(pivot([{"method": r["method"], "density": r["density"],
+                                       metric: round(r["heldout"]["ppl"], 3) if kind == "pycode"
+                                       else round(r["cosine"], 5)} for r in compressed], "method", "density", metric)))
+        print()
+    print("expected order (best first): " + " > ".join(m for m in BETTER_FIRST if m in methods))
+    for c in checks:
+        print(f"  {c['model']} density {c['density']}: {' > '.join(c['observed'])}  "
+              f"{'holds' if c['holds'] else 'DOES NOT HOLD'}")
+    print(f"\ntotal {seconds:.0f} s, torch {torch.__version__} with {threads} threads")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.show:  # the tables of an earlier run's results file
+        data = json.loads(args.show.read_text())
+        return show(data["rows"], data["order"], data["meta"]["args"]["methods"], data["meta"]["seconds"],
+                    data["meta"]["threads"])
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
@@ -254,23 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     per_model = len(_runs(args)) + 1
     bar = tqdm(total=per_model * len(args.models), desc="quality runs", unit="run", file=sys.stderr)
-    tables, rows = [], []
+    rows = []
     for model in args.models:
-        found = _pycode(args, bar) if model == "pycode" else _minilm(args, bar)
-        rows += found
-        tables.append((model, found))
+        rows += _pycode(args, bar) if model == "pycode" else _minilm(args, bar)
     bar.close()
     checks = order_checks(rows)
-    for model, found in tables:
-        print(_describe(found, model))
-        print(_pycode_table(found) if model == "pycode" else _minilm_table(found))
-        print()
-    print("expected order (best first): " + " > ".join(m for m in BETTER_FIRST if m in args.methods))
-    for c in checks:
-        print(f"  {c['model']} density {c['density']}: {' > '.join(c['observed'])}  "
-              f"{'holds' if c['holds'] else 'DOES NOT HOLD'}")
     total = time.perf_counter() - start
-    print(f"\ntotal {total:.0f} s, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    show(rows, checks, args.methods, total, torch.get_num_threads())
     meta = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "torch": torch.__version__, "transformers": transformers.__version__, "pifa": pifa.__version__,
             "threads": torch.get_num_threads(), "machine": platform.machine(), "seconds": total}

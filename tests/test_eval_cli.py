@@ -170,3 +170,25 @@ def test_report_single_density_comparison_plots_bars(tmp_path, capsys):
     assert main(["report", str(tmp_path / "s.json"), "--out", str(tmp_path / "rep")]) == 0
     assert [p.name for p in (tmp_path / "rep").glob("*.png")] == ["s_tiny.png"]
     assert "sparsegpt@2:4" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_allocation_matrix_plots_a_panel_per_method(tmp_path):
+    """Several methods x allocations x densities: one figure with a panel per method (a line per allocation)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = [{"model": "tiny", "method": "dense", "density": 1.0, "allocation": "-", "ppl": 10.0},
+            {"model": "tiny", "method": "sparsegpt@2:4", "density": 0.5, "allocation": "uniform", "ppl": 20.0}]
+    rows += [{"model": "tiny", "method": m, "density": d, "allocation": a, "ppl": 30.0 - 10 * d - i}
+             for m in ("svd-llm", "mpifa") for i, a in enumerate(("uniform", "sensitivity")) for d in (0.5, 0.7)]
+    (tmp_path / "m.json").write_text(json.dumps({"rows": rows}))
+    figures = []
+    real_save = plt.Figure.savefig
+
+    def save(fig, *args, **kwargs):
+        figures.append([(ax.get_title(), [line.get_label() for line in ax.get_lines()]) for ax in fig.axes])
+        return real_save(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", save)
+        assert main(["report", str(tmp_path / "m.json"), "--out", str(tmp_path / "rep")]) == 0
+    assert [p.name for p in (tmp_path / "rep").glob("*.png")] == ["m_tiny.png"]
+    assert figures == [[(m, ["uniform", "sensitivity", "sparsegpt@2:4", "dense"]) for m in ("svd-llm", "mpifa")]]

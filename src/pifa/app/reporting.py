@@ -71,6 +71,10 @@ def _plot_quality(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any) ->
             continue
         compressed = [r for r in mine if r["method"] != "dense"]
         dense = next((r[metric] for r in mine if r["method"] == "dense"), None)
+        path = out / f"{stem}_{_slug(model)}.png"
+        if _allocation_grid(compressed):
+            files.append(_quality_panels(compressed, dense, metric, str(model), path, plt))
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         if len({r["density"] for r in compressed}) == 1:
             _quality_bars(ax, compressed, dense, metric)
@@ -78,8 +82,47 @@ def _plot_quality(rows: list[dict[str, Any]], out: Path, stem: str, plt: Any) ->
             _quality_lines(ax, compressed, dense, metric)
         ax.set_title(str(model))
         ax.grid(alpha=0.3)
-        files.append(_save(fig, out / f"{stem}_{_slug(model)}.png", plt))
+        files.append(_save(fig, path, plt))
     return files
+
+
+def _method_and_allocation(row: dict[str, Any]) -> tuple[str, str]:
+    """("mpifa", "sensitivity") from method "mpifa/sensitivity" or method "mpifa" + allocation "sensitivity"."""
+    method, _, allocation = _label(row).partition("/")
+    return method, allocation or "uniform"
+
+
+def _allocation_grid(rows: list[dict[str, Any]]) -> bool:
+    """Several low-rank methods, each under several allocations, at several densities: one panel per method."""
+    low_rank = [_method_and_allocation(r) + (r["density"],) for r in rows if "@" not in r["method"]]
+    return all(len({key[i] for key in low_rank}) > 1 for i in range(3))
+
+
+def _quality_panels(rows: list[dict[str, Any]], dense: float | None, metric: str, title: str, path: Path,
+                    plt: Any) -> Path:
+    """A panel per low-rank method with a line per allocation; sparse (N:M) rows as reference points in each."""
+    methods = list(dict.fromkeys(_method_and_allocation(r)[0] for r in rows if "@" not in r["method"]))
+    allocations = list(dict.fromkeys(_method_and_allocation(r)[1] for r in rows if "@" not in r["method"]))
+    sparse = [r for r in rows if "@" in r["method"]]
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods) + 0.6, 3.8), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for allocation in allocations:
+            points = sorted((r["density"], r[metric]) for r in rows
+                            if "@" not in r["method"] and _method_and_allocation(r) == (method, allocation))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=allocation)
+        for row in sparse:
+            ax.plot(row["density"], row[metric], marker="x", linestyle="none", markersize=8, label=row["method"])
+        if dense is not None:
+            ax.axhline(dense, color="gray", linestyle="--", label="dense")
+        ax.set(title=method, xlabel="density")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    if metric.endswith("ppl"):
+        axes[0][0].set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title}: rank allocation per method", fontsize=10)
+    return _save(fig, path, plt)
 
 
 def _label(row: dict[str, Any]) -> str:
