@@ -157,6 +157,10 @@ def show(result: dict[str, Any]) -> None:
         print("\nperplexity by method/allocation (rows) and density (columns)")
         print(format_table(pivot([{"run": label(row), "density": row["density"], "ppl": round(row["ppl"], 2)}
                                   for row in low_rank], "run", "density", "ppl")))
+        sparse = [row for row in result["rows"] if "@" in row["method"]]
+        if sparse:
+            print("N:M sparsity (density 0.5): " + ", ".join(
+                f"{row['method']}{'#' + str(row['samples']) if several else ''} {row['ppl']:.2f}" for row in sparse))
     sys.stdout.flush()
 
 

@@ -104,22 +104,24 @@ def _quality_panels(rows: list[dict[str, Any]], dense: float | None, metric: str
     methods = list(dict.fromkeys(_method_and_allocation(r)[0] for r in rows if "@" not in r["method"]))
     allocations = list(dict.fromkeys(_method_and_allocation(r)[1] for r in rows if "@" not in r["method"]))
     sparse = [r for r in rows if "@" in r["method"]]
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods) + 0.6, 3.8), sharey=True, squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    colours = {name: f"C{i}" for i, name in enumerate(allocations + [r["method"] for r in sparse])}
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods) + 0.6, 3.8), squeeze=False)
+    for ax, method in zip(axes[0], methods):  # each its own scale: one broken method must not flatten the rest
         for allocation in allocations:
             points = sorted((r["density"], r[metric]) for r in rows
                             if "@" not in r["method"] and _method_and_allocation(r) == (method, allocation))
             if points:
-                ax.plot(*zip(*points), marker="o", label=allocation)
+                ax.plot(*zip(*points), marker="o", label=allocation, color=colours[allocation])
         for row in sparse:
-            ax.plot(row["density"], row[metric], marker="x", linestyle="none", markersize=8, label=row["method"])
+            ax.plot(row["density"], row[metric], marker="x", linestyle="none", markersize=8, label=row["method"],
+                    color=colours[row["method"]])
         if dense is not None:
             ax.axhline(dense, color="gray", linestyle="--", label="dense")
         ax.set(title=method, xlabel="density")
+        if metric.endswith("ppl"):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
-    if metric.endswith("ppl"):
-        axes[0][0].set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{title}: rank allocation per method", fontsize=10)
     return _save(fig, path, plt)
