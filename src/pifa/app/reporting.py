@@ -101,15 +101,15 @@ def _allocation_grid(rows: list[dict[str, Any]]) -> bool:
 def _quality_panels(rows: list[dict[str, Any]], dense: float | None, metric: str, title: str, path: Path,
                     plt: Any) -> Path:
     """A panel per low-rank method with a line per allocation; sparse (N:M) rows as reference points in each."""
-    methods = list(dict.fromkeys(_method_and_allocation(r)[0] for r in rows if "@" not in r["method"]))
-    allocations = list(dict.fromkeys(_method_and_allocation(r)[1] for r in rows if "@" not in r["method"]))
+    keyed = [(_method_and_allocation(r), r) for r in rows if "@" not in r["method"]]
+    methods = list(dict.fromkeys(key[0] for key, _ in keyed))
+    allocations = list(dict.fromkeys(key[1] for key, _ in keyed))
     sparse = [r for r in rows if "@" in r["method"]]
     colours = {name: f"C{i}" for i, name in enumerate(allocations + [r["method"] for r in sparse])}
     fig, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods) + 0.6, 3.8), squeeze=False)
     for ax, method in zip(axes[0], methods):  # each its own scale: one broken method must not flatten the rest
         for allocation in allocations:
-            points = sorted((r["density"], r[metric]) for r in rows
-                            if "@" not in r["method"] and _method_and_allocation(r) == (method, allocation))
+            points = sorted((r["density"], r[metric]) for key, r in keyed if key == (method, allocation))
             if points:
                 ax.plot(*zip(*points), marker="o", label=allocation, color=colours[allocation])
         for row in sparse:
