@@ -2,13 +2,16 @@
 
     python benchmarks/bench_cost.py --json results/cost.json          # 4096 / 11008, 32 x 512 tokens
     python benchmarks/bench_cost.py --hidden 256 --intermediate 704 --samples 4 --seq-len 64  # smoke test
+    python benchmarks/bench_cost.py --compare OLD.json NEW.json   # side by side: time ratios, error equality
 
 A one-block ``LlamaForCausalLM`` (hidden 4096, MLP 11008, 32 heads, vocabulary 1000) with
 random float32 weights is compressed with ``pifa.compress`` (mpifa, density 0.5 by default)
 on random token ids. Reports ``report.stage_seconds``, the total, the process's peak RSS
-(``ru_maxrss``), the RSS before compressing (model built, calibration drawn) and the size
+(``ru_maxrss``), the RSS before compressing (model built, calibration drawn), the size
 of the float64 statistics of the widest input, G and H: ``2 * n * n * 8`` bytes for
-``n = intermediate`` (the down projection's input).
+``n = intermediate`` (the down projection's input), and every module's calibration error.
+To compare two versions of the library, run this script with ``PYTHONPATH`` pointing at each
+version's ``src`` (the script only uses the public API), then ``--compare`` the two JSON files.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stage_seconds": dict(report.stage_seconds),
         "total_seconds": report.seconds,
         "achieved_density": report.density,
+        "calibration_error": {m.name: m.calib_error for m in report.modules},
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": peak_rss(),
         "statistics_bytes": stats_bytes,
@@ -87,11 +91,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def mean_error(result: dict[str, Any]) -> float:
+    errors = list(result["calibration_error"].values())
+    return sum(errors) / len(errors)
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Stage by stage seconds of two runs and their ratio; the calibration errors' largest relative difference."""
+    stages = list(dict.fromkeys([*old["stage_seconds"], *new["stage_seconds"]]))
+    rows = [{"stage": k, "old s": f"{old['stage_seconds'].get(k, 0.0):.2f}",
+             "new s": f"{new['stage_seconds'].get(k, 0.0):.2f}"} for k in stages]
+    rows.append({"stage": "total", "old s": f"{old['total_seconds']:.2f}", "new s": f"{new['total_seconds']:.2f}",
+                 "old / new": f"{old['total_seconds'] / new['total_seconds']:.2f}x"})
+    errors_old, errors_new = old["calibration_error"], new["calibration_error"]
+    if set(errors_old) != set(errors_new):
+        raise SystemExit("the two runs compressed different modules")
+    diffs = {k: abs(errors_new[k] - errors_old[k]) / max(abs(errors_old[k]), 1e-300) for k in errors_old}
+    worst = max(diffs, key=diffs.get)
+    errors = [{"quantity": "mean calibration error", "old": f"{mean_error(old):.6g}", "new": f"{mean_error(new):.6g}"},
+              {"quantity": f"largest relative difference ({worst})", "old": "", "new": f"{diffs[worst]:.2e}"}]
+    return "\n".join([format_table(rows), "", format_table(errors)])
+
+
 def tables(result: dict[str, Any]) -> str:
     stages = [{"stage": k, "seconds": f"{v:.2f}"} for k, v in result["stage_seconds"].items()]
     stages.append({"stage": "total (report.seconds)", "seconds": f"{result['total_seconds']:.2f}"})
     summary = [
         {"quantity": "achieved density", "value": f"{result['achieved_density']:.4f}"},
+        {"quantity": "mean calibration error", "value": f"{mean_error(result):.6g}"},
         {"quantity": "peak RSS (ru_maxrss)", "value": f"{result['peak_rss_bytes'] / GIB:.2f} GiB"},
         {"quantity": "RSS before compress", "value": f"{result['rss_before_bytes'] / GIB:.2f} GiB"},
         {"quantity": "statistics (G, H float64)", "value": f"{result['statistics_bytes'] / GIB:.2f} GiB"},
@@ -117,11 +144,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=ROOT / "results" / "cost.json")
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("OLD", "NEW"), help="compare two result files and exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        old, new = (json.loads(path.read_text()) for path in args.compare)
+        print(compare(old, new))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)

@@ -1,5 +1,7 @@
 """The compression pipeline on the tiny model matrix."""
 
+import sys
+
 import pytest
 import torch
 
@@ -218,3 +220,33 @@ def test_sparse_config_bad_input(fields, message):
 def test_width_not_divisible_by_m():
     with pytest.raises(ValueError, match="not divisible by M=5"):
         run(tiny_model("llama"), method="magnitude", pattern="2:5")
+
+
+def biased(model):
+    """Random biases (transformers initialises them to zero), the same for every call."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2"])  # opt's fc2 and gpt2's c_proj carry a bias
+def test_m_from_dense_outputs_equals_m_from_dense_inputs(name, monkeypatch):
+    """A narrow layer (down_proj) gets M's W H from its dense outputs, sum (y - b) x~^T; the engine
+    told to use H = sum x x~^T instead must give the same factors to float32 round-off."""
+    engine = sys.modules["pifa.compress"]  # the module; pifa.compress is the function
+    used = []
+    real = engine._by_outputs
+    monkeypatch.setattr(engine, "_by_outputs", lambda linears, group: used.append(real(linears, group)) or used[-1])
+    by_outputs = biased(tiny_model(name))
+    first = run(by_outputs, density=0.5, method="m")
+    assert any(used), "no group was recorded by its outputs"
+    monkeypatch.setattr(engine, "_by_outputs", lambda linears, group: False)
+    by_inputs = biased(tiny_model(name))
+    second = run(by_inputs, density=0.5, method="m")
+    for a, b in zip(first.modules, second.modules, strict=True):
+        assert a.calib_error == pytest.approx(b.calib_error, rel=1e-4, abs=1e-7), a.name
+    torch.testing.assert_close(model_output(by_outputs, CALIB[:2]), model_output(by_inputs, CALIB[:2]),
+                               rtol=1e-4, atol=1e-4)

@@ -31,7 +31,7 @@ def test_whitened_truncation_beats_plain_svd_on_calibration_data(rank):
 def test_whitened_error_is_non_increasing_in_rank():
     weight, _, g, _ = problem()
     chol = solver.whitening(g, 1e-9)
-    errors = [solver.output_error(weight, torch.matmul(*solver.truncate(weight, chol, r)), g) for r in range(1, 17)]
+    errors = [solver.output_error(weight, torch.matmul(*solver.truncate(weight, chol, r)[:2]), g) for r in range(1, 17)]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
     assert errors[-1] < 1e-10  # full rank is exact
 
@@ -40,7 +40,7 @@ def test_truncation_error_equals_discarded_singular_values():
     weight, _, g, _ = problem()
     chol = solver.whitening(g, 0.0)
     s = torch.linalg.svdvals(weight @ chol)
-    up, down = solver.truncate(weight, chol, 5)
+    up, down, _ = solver.truncate(weight, chol, 5)
     err = solver.output_error(weight, up @ down, g) * float(torch.einsum("ij,jk,ik->", weight, g, weight))
     assert err == pytest.approx(float(s[5:].square().sum()), rel=1e-6)
 
@@ -49,14 +49,14 @@ def test_truncation_error_equals_discarded_singular_values():
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_m_objective_never_exceeds_the_whitened_start(mix, steps):
     weight, _, g, h = problem(seed=3)
-    up, down = solver.truncate(weight, solver.whitening(g, 1e-6), 6)
+    up, down, _ = solver.truncate(weight, solver.whitening(g, 1e-6), 6)
     ridge = 1e-3
     mu = ridge * float(torch.diagonal(g).mean())
     cross = (1 - mix) * g + mix * h
     start = solver.m_objective(weight, up @ down, g, cross, mu)
     previous = start
     for k in range(1, steps + 1):
-        u2, d2 = solver.m_reconstruct(weight, up, down, g, h, mix, k, ridge)
+        u2, d2, _ = solver.m_reconstruct(weight, up, down, g, h, mix, k, ridge)
         value = solver.m_objective(weight, u2 @ d2, g, cross, mu)
         assert value <= previous + 1e-9 * abs(previous)
         previous = value
@@ -65,8 +65,8 @@ def test_m_objective_never_exceeds_the_whitened_start(mix, steps):
 
 def test_pifa_conversion_of_m_factors_is_round_off():
     weight, x, g, h = problem()
-    up, down = solver.truncate(weight, solver.whitening(g, 1e-6), 6)
-    up, down = solver.m_reconstruct(weight, up, down, g, h, 0.25, 2, 1e-3)
+    up, down, _ = solver.truncate(weight, solver.whitening(g, 1e-6), 6)
+    up, down, _ = solver.m_reconstruct(weight, up, down, g, h, 0.25, 2, 1e-3)
     low = build_layer("lowrank", up, down, None, torch.float32)
     piv = build_layer("pivot", up, down, None, torch.float32)
     xf = x.float()
@@ -82,3 +82,91 @@ def test_cholesky_failure_is_damped_and_logged(caplog):
         chol = solver.whitening(g, 0.0)
     assert torch.isfinite(chol).all()
     assert "Cholesky failed" in caplog.text
+
+
+def big_problem(m=1200, n=1100, tokens=3000, seed=5):
+    """Large enough for the fast paths (1024 columns and more), with a steep, real-like spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -3, n, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) * scales
+    x = x @ torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    weight = torch.randn(m, n, generator=g, dtype=torch.float64) / n**0.5
+    return weight, x
+
+
+def test_fast_top_eigenpairs_equal_the_float64_decomposition():
+    weight, x = big_problem()
+    gram = (weight @ x.T) @ (x @ weight.T) / x.shape[0]
+    k = 400
+    values, vectors = solver.top_eigenpairs(gram, k)
+    ref_values, ref_vectors = torch.linalg.eigh(gram)
+    ref_values, ref_vectors = ref_values.flip(0)[:k], ref_vectors.flip(1)[:, :k]
+    assert torch.allclose(values, ref_values, rtol=1e-5, atol=1e-6 * float(ref_values[0]))  # float32 values
+    assert float((vectors.T @ vectors - torch.eye(k, dtype=torch.float64)).abs().max()) < 1e-12  # orthonormal
+    # the same subspace, to float32 round-off
+    assert float((vectors @ vectors.T - ref_vectors @ ref_vectors.T).abs().max()) < 1e-4
+    assert float((gram @ vectors - vectors * values).norm() / values[0]) < 1e-4
+
+
+def test_truncation_on_the_fast_path_gives_the_float64_error_to_many_digits(monkeypatch):
+    weight, x = big_problem()
+    g = x.T @ x
+    chol = solver.whitening(g, 1e-6)
+    fast = solver.truncate(weight, chol, 300)
+    monkeypatch.setattr(solver, "FAST_EIGH_MIN", 10**9)  # the float64 decomposition only
+    reference = solver.truncate(weight, chol, 300)
+    errors = [solver.output_error(weight, t.up @ t.down, g) for t in (fast, reference)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-9)
+    assert fast.energy == pytest.approx(reference.energy, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (1200, 1100), (700, 1100)])
+def test_lowrank_error_and_energy_equal_the_direct_formula(shape):
+    weight, x = big_problem(*shape)
+    g = x.T @ x
+    chol = solver.whitening(g, 1e-4)
+    start = solver.truncate(weight, chol, 7)
+    energy = solver.output_energy(weight, g, chol, start.energy)
+    assert energy == pytest.approx(float(torch.einsum("ij,jk,ik->", weight, g, weight)), rel=1e-10)
+    assert solver.output_energy(weight, g) == pytest.approx(energy, rel=1e-10)
+    direct = solver.output_error(weight, start.up @ start.down, g)
+    assert solver.lowrank_error(weight, start.up, start.down, g, energy) == pytest.approx(direct, rel=1e-9)
+
+
+def test_wide_and_tall_truncations_agree_with_the_svd_of_the_whitened_weight():
+    for m, n in ((1100, 1030), (1030, 1100), (20, 30), (30, 20)):
+        weight, x = big_problem(m, n, tokens=2 * n)
+        g = x.T @ x
+        chol = solver.whitening(g, 1e-8)
+        up, down, _ = solver.truncate(weight, chol, 9)
+        s = torch.linalg.svdvals(weight @ chol)
+        damped = chol @ chol.T  # G + delta I, what the truncation is optimal for
+        err = solver.output_error(weight, up @ down, damped) * float(torch.einsum("ij,jk,ik->", weight, damped, weight))
+        assert err == pytest.approx(float(s[9:].square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [30, 1100])
+def test_symmetric_statistics_and_triangular_products_equal_dense_products(n):
+    x = torch.randn(257, n, generator=torch.Generator().manual_seed(1))
+    acc = solver.add_gram(solver.add_gram(None, x), 2 * x)
+    expected = 5 * (x.double().T @ x.double())
+    assert torch.allclose(acc, expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(acc, acc.T)  # exactly symmetric
+    lower = torch.tril(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    a = torch.randn(40, n, dtype=torch.float64)
+    assert torch.allclose(solver.times_lower(a, lower), a @ lower, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_m_from_w_h_equals_m_from_h_and_its_down_g_is_down_times_g(steps):
+    weight, _, g, h = problem(seed=4)
+    up, down, _ = solver.truncate(weight, solver.whitening(g, 1e-6), 6)
+    from_h = solver.m_reconstruct(weight, up, down, g, h, 0.25, steps, 1e-3)
+    from_wh = solver.m_reconstruct(weight, up, down, g, None, 0.25, steps, 1e-3, wh=weight.double() @ h)
+    for a, b in zip(from_h, from_wh):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(from_h.down_g, from_h.down @ g, rtol=1e-8, atol=1e-8 * float(g.abs().max()))
+    energy = solver.output_energy(weight, g)
+    direct = solver.output_error(weight, from_h.up @ from_h.down, g)
+    assert solver.lowrank_error(weight, from_h.up, from_h.down, g, energy, from_h.down_g) == pytest.approx(direct,
+                                                                                                         rel=1e-9)

@@ -92,14 +92,18 @@ def layer_inputs(
 
 
 @contextlib.contextmanager
-def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the input [tokens, n] of each module's first call during the forward passes inside the block."""
+def record_inputs(modules: dict[str, nn.Module],
+                  order: list[tuple[str, torch.Tensor]] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input [tokens, n] of each module's first call during the forward passes inside the block;
+    with ``order``, also append (name, input tensor) in call order (for ``group_by_input``)."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable:
         def pre_hook(_module: nn.Module, args: tuple) -> None:
             if name not in seen:
                 seen[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+                if order is not None:
+                    order.append((name, args[0]))
         return pre_hook
 
     with hooks([module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]):
@@ -109,6 +113,21 @@ def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Ten
         raise ValueError(f"targeted linears never called by their block: {sorted(missing)}")
 
 
+@contextlib.contextmanager
+def record_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output [tokens, m] of each module's first call during the forward passes inside the block."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def forward_hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            if name not in seen:
+                seen[name] = output.detach().reshape(-1, output.shape[-1])
+        return forward_hook
+
+    with hooks([module.register_forward_hook(hook(name)) for name, module in modules.items()]):
+        yield seen
+
+
 def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs,
                  device: torch.device) -> list[list[str]]:
     """Groups of linears in execution order; linears fed the same input tensor share a group.
@@ -116,23 +135,19 @@ def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockI
     For Llama this yields [q, k, v] -> [o] -> [gate, up] -> [down].
     """
     order: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        module.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0])))
-        for name, module in linears.items()
-    ]
-    with hooks(handles):
+    with record_inputs(linears, order):
         inputs.call(block, inputs.hidden, device)
+    return group_by_input(order)
+
+
+def group_by_input(order: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """Groups from (linear, input tensor) pairs in call order: linears fed the same tensor object share a group."""
     groups: list[tuple[torch.Tensor, list[str]]] = []
     for name, tensor in order:
-        if any(name in members for _, members in groups):
-            continue  # a linear called twice joins its first group only
         for key, members in groups:
             if key is tensor:
                 members.append(name)
                 break
         else:
             groups.append((tensor, [name]))
-    missing = set(linears) - {n for _, m in groups for n in m}
-    if missing:
-        raise ValueError(f"targeted linears never called by their block: {sorted(missing)}")
     return [members for _, members in groups]

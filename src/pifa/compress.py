@@ -28,7 +28,15 @@ from .budget import (
     spectrum_ranks,
     split_densities,
 )
-from .capture import BlockInputs, capture_first_block, infer_groups, layer_inputs, record_inputs
+from .capture import (
+    BlockInputs,
+    capture_first_block,
+    group_by_input,
+    infer_groups,
+    layer_inputs,
+    record_inputs,
+    record_outputs,
+)
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
 from .faults import crash_point
@@ -101,20 +109,55 @@ class _Streams:
                            for i, h in zip(self.inputs, self.compressed)]
 
     def advance_dense(self, block: nn.Module, device: torch.device, index: int, prefix: str,
-                      record: dict[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
-        """Run the dense block on the dense stream; returns the inputs ``record``'s linears saw, per batch."""
-        seen: dict[str, list[torch.Tensor]] = {name: [] for name in record}
+                      linears: dict[str, nn.Module], groups: list[list[str]] | None
+                      ) -> tuple[list[list[str]], dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+        """Run the dense block on the dense stream. Returns the groups of ``linears`` (``groups``, or when
+        that is None inferred on the first batch, saving a pass) and, per batch, what M needs of the dense
+        stream: the input of each group's first linear, or for a group whose outputs are narrower than
+        its input (``_by_outputs``), the outputs of its linears."""
+        inputs_seen: dict[str, list[torch.Tensor]] = {}
+        outputs_seen: dict[str, list[torch.Tensor]] = {}
+        narrow = {name: m for name, m in linears.items() if _narrow(m)}  # may be recorded by their outputs
         outputs = []
         for inputs, hidden in zip(self.inputs, self.dense or []):
-            with record_inputs(record) as batch_inputs:
+            order: list[tuple[str, torch.Tensor]] | None = [] if groups is None else None
+            if groups is None:
+                record_in, record_out = linears, narrow
+            else:
+                record_in = {g[0]: linears[g[0]] for g in groups if not _by_outputs(linears, g)}
+                record_out = {n: linears[n] for g in groups if _by_outputs(linears, g) for n in g}
+            with record_inputs(record_in, order) as batch_inputs, record_outputs(record_out) as batch_outputs:
                 output = inputs.call(block, hidden, device)
-            for name in record:
-                if not bool(torch.isfinite(batch_inputs[name]).all()):
-                    raise ValueError(f"non-finite activations at the input of {prefix}.{name} in block {index}")
-                seen[name].append(batch_inputs[name].to("cpu"))
+            if order is not None:
+                groups = group_by_input(order)
+                del order
+            for group in groups or []:
+                by_outputs = _by_outputs(linears, group)
+                for name, seen, kept in ([(n, batch_outputs, outputs_seen) for n in group] if by_outputs
+                                         else [(group[0], batch_inputs, inputs_seen)]):
+                    if not bool(torch.isfinite(seen[name]).all()):
+                        side = "output" if by_outputs else "input"
+                        raise ValueError(f"non-finite activations at the {side} of {prefix}.{name} in block {index}")
+                    kept.setdefault(name, []).append(seen[name].to("cpu"))
+            del batch_inputs, batch_outputs
             outputs.append(_checked(output, index).to("cpu", hidden.dtype))
         self.dense = outputs
-        return seen
+        return groups or [], inputs_seen, outputs_seen
+
+
+def _narrow(module: nn.Module) -> bool:
+    """Outputs narrower than inputs, computed in float32 or float64 (a half-precision output is rounded
+    after the product: W H from it would no longer equal W H from the inputs to round-off)."""
+    weight = linear_weight(module)
+    return weight.shape[0] < weight.shape[1] and weight.dtype in (torch.float32, torch.float64)
+
+
+def _by_outputs(linears: dict[str, nn.Module], group: list[str]) -> bool:
+    """Whether M's dense term W H of ``group`` is summed from the dense outputs (sum y x~^T, m x n per
+    linear) rather than from its dense input (H = sum x x~^T, n x n): when the group's outputs together
+    are narrower than its input, as for down_proj. Fewer flops and less memory, the same W H."""
+    shapes = [linear_weight(linears[name]).shape for name in group]
+    return all(_narrow(linears[name]) for name in group) and sum(m for m, _ in shapes) < shapes[0][1]
 
 
 @dataclass
@@ -127,6 +170,7 @@ class _Block:
     linears: dict[str, nn.Module]
     groups: list[list[str]] = field(default_factory=list)
     dense_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    dense_outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def local(self, full: str) -> str:
         return full.removeprefix(self.prefix + ".")
@@ -266,14 +310,16 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
         with run.report.stage("groups"):
             for name, module in block.linears.items():
                 _finite_weight(module, name)
-            local = {block.local(n): m for n, m in block.linears.items()}
-            block.groups = infer_groups(block.module, local, run.streams.inputs[0], run.device)
+            if run.streams.dense is None:  # with two streams, the dense pass finds the groups on its way
+                local = {block.local(n): m for n, m in block.linears.items()}
+                block.groups = infer_groups(block.module, local, run.streams.inputs[0], run.device)
     if run.streams.dense is not None:
         run.bar.set_postfix(stage="dense stream")
         with run.report.stage("propagate"):
             dense = copy.deepcopy(block.module)
-            record = {} if resumed else {g[0]: dense.get_submodule(g[0]) for g in block.groups}
-            block.dense_inputs = run.streams.advance_dense(dense, run.device, block.index, block.prefix, record)
+            linears = {} if resumed else {block.local(n): dense.get_submodule(block.local(n)) for n in block.linears}
+            block.groups, block.dense_inputs, block.dense_outputs = run.streams.advance_dense(
+                dense, run.device, block.index, block.prefix, linears, [] if resumed else None)
             del dense
     if resumed:
         with run.report.stage("checkpoint"):
@@ -356,8 +402,7 @@ def _dense_pass(blocks: nn.ModuleList, targets: list[dict[str, nn.Module]], stre
                 with record_inputs(linears) as seen:
                     outputs.append(_checked(inputs.call(block, h, device), index).to("cpu", h.dtype))
                 for name, x in seen.items():
-                    xf = x.float()
-                    grams[name] = grams[name] + (xf.T @ xf).double() if name in grams else (xf.T @ xf).double()
+                    grams[name] = solver.add_gram(grams.get(name), x)
             hidden = outputs
             for name in linears:
                 distributed.all_reduce_sum(grams[name])
@@ -388,24 +433,33 @@ def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[
     return {name: block_density[i] / config.density for i, t in enumerate(targets) for name in t}
 
 
-def _group_statistics(run: _Run, block: _Block, first: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """G = sum x~ x~^T and (for M) H = sum x x~^T over the calibration tokens, float64 (n, n)."""
+def _group_statistics(run: _Run, block: _Block, group: list[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """G = sum x~ x~^T (n, n) over the calibration tokens and, for M, either H = sum x x~^T (n, n) or,
+    for a group recorded by its dense outputs y, W H = sum y x~^T (m, n) per linear; float64."""
+    first = group[0]
     module = block.module.get_submodule(first)
     dense_inputs = block.dense_inputs.get(first)
+    dense_outputs = {name: block.dense_outputs[name] for name in group if name in block.dense_outputs}
     g = h = None
+    wh: dict[str, torch.Tensor] = {}
     for b, inputs in enumerate(run.streams.inputs):
         x_c = layer_inputs(block.module, module, inputs, run.streams.compressed[b], run.device)
         if not bool(torch.isfinite(x_c).all()):
             raise ValueError(f"non-finite activations at the input of {block.prefix}.{first} in block {block.index}")
+        g = solver.add_gram(g, x_c)
         xf = x_c.float()
-        g = (xf.T @ xf).double() if g is None else g.add_((xf.T @ xf).double())
         if dense_inputs is not None:
             x_d = dense_inputs[b].to(run.device).float()
             h = (x_d.T @ xf).double() if h is None else h.add_((x_d.T @ xf).double())
-    distributed.all_reduce_sum(g)  # several processes: the sums over every rank's tokens
-    if h is not None:
-        distributed.all_reduce_sum(h)
-    return g, h
+        for name, ys in dense_outputs.items():
+            bias = getattr(block.module.get_submodule(name), "bias", None)  # y = W x + b: W x x~^T wanted
+            y = ys[b].to(run.device).float() if bias is None else ys[b].to(run.device).float() - bias.float()
+            wh[name] = (y.T @ xf).double() if name not in wh else wh[name].add_((y.T @ xf).double())
+    for total in (g, h, *wh.values()):  # several processes: the sums over every rank's tokens
+        if total is not None:
+            distributed.all_reduce_sum(total)
+    return g, h, wh
 
 
 def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:
@@ -414,8 +468,10 @@ def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:
     for group in block.groups:
         run.bar.set_postfix(stage=f"statistics {group[0]}")
         with run.report.stage("statistics"):
-            g, h = _group_statistics(run, block, group[0])
+            g, h, wh = _group_statistics(run, block, group)
         block.dense_inputs.pop(group[0], None)
+        for name in group:
+            block.dense_outputs.pop(name, None)
         run.bar.set_postfix(stage=f"solve {group[0]}")
         if not spec.low_rank:
             reports += [_prune_linear(run, block, name, g) for name in group]
@@ -423,10 +479,13 @@ def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:
         with run.report.stage("whitening"):
             chol = solver.whitening(g, run.config.damping) if spec.whiten else None
         with run.report.stage("truncate"):
-            starts = {name: solver.truncate(linear_weight(block.module.get_submodule(name)), chol,
-                                            run.plan.ranks[f"{block.prefix}.{name}"]) for name in group}
+            starts = {}
+            for name in group:
+                weight = linear_weight(block.module.get_submodule(name))
+                start = solver.truncate(weight, chol, run.plan.ranks[f"{block.prefix}.{name}"])
+                starts[name] = start, solver.output_energy(weight, g, chol, start.energy)  # ||W X~||^2
         del chol  # M needs G and H only: one (n, n) float64 matrix less at its peak
-        reports += [_solve_linear(run, block, name, g, h, starts.pop(name)) for name in group]
+        reports += [_solve_linear(run, block, name, g, h, wh.pop(name, None), *starts.pop(name)) for name in group]
         del g, h
         crash_point(f"block:{block.index}:group")
     return reports
@@ -440,17 +499,19 @@ def _finite_weight(module: nn.Module, full: str) -> torch.Tensor:
 
 
 def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torch.Tensor | None,
-                  start: tuple[torch.Tensor, torch.Tensor]) -> ModuleReport:
-    """M from the truncation ``start`` (up, down) when the method reconstructs, then the layer swap."""
+                  wh: torch.Tensor | None, start: solver.Truncation, energy: float) -> ModuleReport:
+    """M from the truncation ``start`` when the method reconstructs (from H, or from W H itself), then the
+    layer swap (``energy``: ||W X~||^2, the calibration error's denominator)."""
     config, report, full = run.config, run.report, f"{block.prefix}.{local}"
     module = block.module.get_submodule(local)
     weight = linear_weight(module)
     rank = run.plan.ranks[full]
-    up, down = start
-    if config.spec.reconstruct and h is not None:
+    up, down, down_g = start.up, start.down, None
+    if config.spec.reconstruct and (h is not None or wh is not None):
         with report.stage("m-reconstruct"):
             try:
-                up, down = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps, config.ridge)
+                up, down, down_g = solver.m_reconstruct(weight, up, down, g, h, config.mix, config.als_steps,
+                                                        config.ridge, wh=wh)
             except solver.SingularSystem:
                 logger.warning("%s: singular M system (rank-deficient layer); keeping the whitened truncation", full)
     bias = None if getattr(module, "bias", None) is None else module.bias.detach()
@@ -459,7 +520,7 @@ def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torc
     set_module(block.module, local, layer)
     m, n = weight.shape
     with report.stage("error"):
-        error = solver.output_error(weight, up @ down, g)
+        error = solver.lowrank_error(weight, up, down, g, energy, down_g)
     return ModuleReport(full, config.layer_kind, m, n, rank, m * n, layer_parameters(m, n, rank, config.layer_kind),
                         error, run.plan.scores.get(full))
 

@@ -247,7 +247,7 @@ class SensitivityProbe:
                 weight = linear_weight(module)
                 original = module.weight.detach().clone()
                 chol = solver.whitening(grams[name], damping) if whiten else None
-                up, down = solver.truncate(weight, chol, top)
+                up, down, _ = solver.truncate(weight, chol, top)
                 try:
                     for rank in missing:
                         _set_weight(module, (up[:, :rank] @ down[:rank]).to(weight.dtype))
