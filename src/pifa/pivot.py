@@ -17,6 +17,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .solver import scipy_threads
+
 logger = logging.getLogger(__name__)
 
 PivotMethod = Literal["lu", "qr"]
@@ -114,7 +116,8 @@ def _swaps_to_permutation(swaps: np.ndarray, m: int) -> np.ndarray:
 def _qr_pivots(up64: torch.Tensor, dtype: torch.dtype) -> Pivoting:
     """QR with column pivoting of ``up^T`` (r x m): ``up^T Pi = Q [R11 R12]``; C = (R11^-1 R12)^T."""
     m, r = up64.shape
-    rmat, perm = scipy.linalg.qr(up64.T.cpu().numpy(), mode="r", pivoting=True, check_finite=False)
+    with scipy_threads():
+        rmat, perm = scipy.linalg.qr(up64.T.cpu().numpy(), mode="r", pivoting=True, check_finite=False)
     rmat = torch.from_numpy(rmat[:r]).to(up64.device)
     _raise_if_deficient(torch.diagonal(rmat), up64, dtype)
     coeff = torch.linalg.solve_triangular(rmat[:, :r], rmat[:, r:], upper=True).T

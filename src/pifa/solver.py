@@ -13,8 +13,14 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 logger = logging.getLogger(__name__)
+
+
+def scipy_threads() -> threadpool_limits:
+    """SciPy's BLAS/LAPACK limited to torch's thread count (``--threads``), which it does not follow by itself."""
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
 
 
 def _blocks(n: int, blocks: int = 4) -> list[tuple[int, int]]:
@@ -150,8 +156,9 @@ def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     n = matrix.shape[0]
     if n >= FAST_EIGH_MIN and k < n and matrix.device.type == "cpu":
         try:
-            values, vectors = scipy.linalg.eigh(matrix.float().numpy(), subset_by_index=[n - k, n - 1], driver="evr",
-                                                check_finite=False)
+            with scipy_threads():
+                values, vectors = scipy.linalg.eigh(matrix.float().numpy(), subset_by_index=[n - k, n - 1],
+                                                    driver="evr", check_finite=False)
         except (np.linalg.LinAlgError, ValueError):
             values = None
         if values is not None and np.isfinite(vectors).all():
