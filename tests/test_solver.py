@@ -84,6 +84,9 @@ def test_cholesky_failure_is_damped_and_logged(caplog):
     assert "Cholesky failed" in caplog.text
 
 
+real_eigh = torch.linalg.eigh
+
+
 def big_problem(m=1200, n=1100, tokens=3000, seed=5):
     """Large enough for the fast paths (1024 columns and more), with a steep, real-like spectrum."""
     g = torch.Generator().manual_seed(seed)
@@ -94,11 +97,14 @@ def big_problem(m=1200, n=1100, tokens=3000, seed=5):
     return weight, x
 
 
-def test_fast_top_eigenpairs_equal_the_float64_decomposition():
+def test_fast_top_eigenpairs_equal_the_float64_decomposition(monkeypatch):
     weight, x = big_problem()
     gram = (weight @ x.T) @ (x @ weight.T) / x.shape[0]
     k = 400
+    calls = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **kw: calls.append(1) or real_eigh(*a, **kw))
     values, vectors = solver.top_eigenpairs(gram, k)
+    assert not calls, "the float32 path was not taken"
     ref_values, ref_vectors = torch.linalg.eigh(gram)
     ref_values, ref_vectors = ref_values.flip(0)[:k], ref_vectors.flip(1)[:, :k]
     assert torch.allclose(values, ref_values, rtol=1e-5, atol=1e-6 * float(ref_values[0]))  # float32 values
@@ -170,3 +176,13 @@ def test_m_from_w_h_equals_m_from_h_and_its_down_g_is_down_times_g(steps):
     direct = solver.output_error(weight, from_h.up @ from_h.down, g)
     assert solver.lowrank_error(weight, from_h.up, from_h.down, g, energy, from_h.down_g) == pytest.approx(direct,
                                                                                                          rel=1e-9)
+
+
+def test_a_cut_far_down_the_spectrum_takes_the_float64_decomposition(monkeypatch):
+    q = torch.linalg.qr(torch.randn(1100, 1100, dtype=torch.float64, generator=torch.Generator().manual_seed(3))).Q
+    matrix = (q * torch.logspace(0, -8, 1100, dtype=torch.float64)) @ q.T
+    calls = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **kw: calls.append(1) or real_eigh(*a, **kw))
+    values, _ = solver.top_eigenpairs(matrix, 600)  # the 600th eigenvalue is about 1e-4.4 of the first
+    assert calls
+    assert torch.allclose(values, torch.logspace(0, -8, 1100, dtype=torch.float64)[:600], rtol=1e-8)

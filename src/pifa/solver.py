@@ -151,7 +151,7 @@ def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     made orthonormal in float64 (Cholesky QR). A truncation onto them is an exact projection onto a
     subspace within float32 round-off of the top one; its error differs from the float64 truncation's
     only at second order (the relative difference is below 1e-6, see tests/test_solver.py). Falls back to
-    the float64 decomposition when LAPACK fails.
+    the float64 decomposition when LAPACK fails or the k-th eigenvalue is below 1e-3 of the largest.
     """
     n = matrix.shape[0]
     if n >= FAST_EIGH_MIN and k < n and matrix.device.type == "cpu":
@@ -161,7 +161,8 @@ def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
                                                     driver="evr", check_finite=False)
         except (np.linalg.LinAlgError, ValueError):
             values = None
-        if values is not None and np.isfinite(vectors).all():
+        # float32 resolves eigenvalues to about 1e-6 of the largest: near a cut far below that, use float64
+        if values is not None and np.isfinite(vectors).all() and values[0] >= 1e-3 * values[-1] > 0:
             q = torch.from_numpy(vectors[:, ::-1].copy()).to(torch.float64)
             factor, info = torch.linalg.cholesky_ex(q.T @ q)
             if int(info) == 0:
