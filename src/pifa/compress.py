@@ -451,15 +451,20 @@ def _group_statistics(run: _Run, block: _Block, group: list[str]
         xf = x_c.float()
         if dense_inputs is not None:
             x_d = dense_inputs[b].to(run.device).float()
-            h = (x_d.T @ xf).double() if h is None else h.add_((x_d.T @ xf).double())
+            h = _accumulate(h, x_d.T @ xf)
         for name, ys in dense_outputs.items():
             bias = getattr(block.module.get_submodule(name), "bias", None)  # y = W x + b: W x x~^T wanted
             y = ys[b].to(run.device).float() if bias is None else ys[b].to(run.device).float() - bias.float()
-            wh[name] = (y.T @ xf).double() if name not in wh else wh[name].add_((y.T @ xf).double())
+            wh[name] = _accumulate(wh.get(name), y.T @ xf)
     for total in (g, h, *wh.values()):  # several processes: the sums over every rank's tokens
         if total is not None:
             distributed.all_reduce_sum(total)
     return g, h, wh
+
+
+def _accumulate(total: torch.Tensor | None, product: torch.Tensor) -> torch.Tensor:
+    """total + product in float64 (the first product becomes the total)."""
+    return product.double() if total is None else total.add_(product)
 
 
 def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:

@@ -127,16 +127,14 @@ def truncate(weight: torch.Tensor, chol: torch.Tensor | None, rank: int) -> Trun
     values, vectors = top_eigenpairs(product, rank)
     del product
     s = values.clamp_min(0.0).sqrt()
+    if wide and float(s[-1]) > float(s[0]) * 1e-6:  # vectors are U_r: sqrt(S_r) V_r^T L^-1 = U_r^T W / sqrt(S_r)
+        return Truncation(vectors * s.sqrt(), (vectors.T @ weight) / s.sqrt()[:, None], energy)
     if float(s[-1]) <= float(s[0]) * 1e-6:  # tiny singular values: the Gram squares them away, use the SVD
         up, down = _svd_factors(whitened, rank)
-        if chol is not None:  # down L = B  <=>  L^T down^T = B^T
-            down = torch.linalg.solve_triangular(chol.T.to(torch.float64), down.T, upper=True).T
-    elif wide:  # vectors are U_r; sqrt(S_r) V_r^T L^-1 = U_r^T A L^-1 / sqrt(S_r) = U_r^T W / sqrt(S_r)
-        up, down = vectors * s.sqrt(), (vectors.T @ weight) / s.sqrt()[:, None]
     else:  # vectors are V_r; U_r sqrt(S_r) = A V_r / sqrt(S_r)
         up, down = (whitened @ vectors) / s.sqrt(), s.sqrt()[:, None] * vectors.T
-        if chol is not None:  # down L = B  <=>  L^T down^T = B^T
-            down = torch.linalg.solve_triangular(chol.T.to(torch.float64), down.T, upper=True).T
+    if chol is not None:  # down L = B  <=>  L^T down^T = B^T
+        down = torch.linalg.solve_triangular(chol.T.to(torch.float64), down.T, upper=True).T
     return Truncation(up, down, energy)
 
 
