@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -151,3 +152,154 @@ def group_by_input(order: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
         else:
             groups.append((tensor, [name]))
     return [members for _, members in groups]
+
+
+class _Abort(BaseException):
+    """Raised inside a paused forward to unwind it when the engine stops early (not an ``Exception``: model
+    code that catches ``Exception`` must not swallow it)."""
+
+
+class _Forward:
+    """One batch's forward through the block, in its own thread, paused on request (see ``PausedForwards``)."""
+
+    def __init__(self, run: Callable[[], torch.Tensor], local: threading.local):
+        self.to_worker, self.to_main = threading.Semaphore(0), threading.Semaphore(0)
+        self.target: nn.Module | None = None  # pause at this module's next call
+        self.state: tuple[str, Any] | None = None  # ("input", x) | ("output", y) | ("error", exception)
+        self.started = self.finished = self.aborted = False
+        self.stashed: dict[nn.Module, torch.Tensor] = {}  # inputs of swapped linears, for their replacements
+        self.thread = threading.Thread(target=self._main, args=(run, local), daemon=True)
+
+    def _main(self, run: Callable[[], torch.Tensor], local: threading.local) -> None:
+        local.forward = self
+        self.to_worker.acquire()
+        try:
+            if not self.aborted:
+                self.state = ("output", run())
+        except _Abort:
+            self.state = None
+        except BaseException as error:  # handed to the engine's thread, which raises it
+            self.state = ("error", error)
+        finally:
+            self.to_main.release()
+
+    def pause(self, x: torch.Tensor) -> None:
+        """Called in this forward's thread: hand ``x`` to the engine and wait to be resumed."""
+        self.target, self.state = None, ("input", x)
+        self.to_main.release()
+        self.to_worker.acquire()
+        if self.aborted:
+            raise _Abort
+
+    def resume(self) -> tuple[str, Any]:
+        """Called in the engine's thread: run this forward until it pauses or ends; its new state."""
+        if self.finished:
+            raise RuntimeError("a finished forward cannot be resumed")
+        if not self.started:
+            self.started = True
+            self.thread.start()
+        self.to_worker.release()
+        self.to_main.acquire()
+        state, self.state = self.state, None
+        self.finished = state is None or state[0] != "input"
+        return state or ("error", RuntimeError("forward aborted"))
+
+    def abort(self) -> None:
+        """Unwind this forward if it is paused (or has not started) and wait for its thread."""
+        if self.started and not self.finished:
+            self.aborted = True
+            self.to_worker.release()
+            self.thread.join()
+        self.finished = True
+
+
+class PausedForwards:
+    """``block`` run once on every batch, each forward paused at the input of the linear the engine asks for next,
+    so that a group's statistics need no replay of the block from its start.
+
+    One thread per batch; only one runs at any time, resumed in batch order by the engine's thread, so every
+    product is computed as a sequential replay would compute it (the same bits). ``linears`` (local name ->
+    module) are the block's targeted linears as they are now. When the engine swaps one for a new layer,
+    later calls reach the new layer through the block; a forward already inside the old linear's call (it
+    paused there) has its input handed to the new layer instead. Memory: the activations each paused forward
+    holds, for every batch at once (for a Llama block: the residual stream and the current group's input).
+    Use as a context manager: leaving it unwinds the forwards that have not finished.
+    """
+
+    def __init__(self, block: nn.Module, inputs: list[BlockInputs], hidden: list[torch.Tensor],
+                 device: torch.device, linears: dict[str, nn.Module]):
+        self.block, self.linears = block, linears
+        grad = torch.is_grad_enabled()  # a thread-local setting: each forward's thread takes the engine's
+
+        def forward(batch: BlockInputs, h: torch.Tensor) -> Callable[[], torch.Tensor]:
+            def run() -> torch.Tensor:
+                with torch.set_grad_enabled(grad):
+                    return batch.call(block, h, device)
+            return run
+
+        self._local = threading.local()  # .forward: the _Forward whose thread this is
+        self._forwards = [_Forward(forward(batch, h), self._local) for batch, h in zip(inputs, hidden)]
+        self._handles = [h for name, module in linears.items()
+                         for h in (module.register_forward_pre_hook(self._pre_hook(name)),
+                                   module.register_forward_hook(self._post_hook(name)))]
+
+    def __enter__(self) -> PausedForwards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pre_hook(self, name: str) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            forward: _Forward | None = getattr(self._local, "forward", None)
+            if forward is None:
+                return None
+            x = args[0]
+            if forward.target is module:
+                forward.pause(x.detach().reshape(-1, x.shape[-1]))
+            if self.block.get_submodule(name) is module:
+                return None
+            forward.stashed[module] = x  # swapped: the new layer computes the output (post hook); the old
+            return (x[(slice(0, 1),) * (x.dim() - 1)], *args[1:])  # one computes a single token's worth
+        return pre_hook
+
+    def _post_hook(self, name: str) -> Callable:
+        def post_hook(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            forward: _Forward | None = getattr(self._local, "forward", None)
+            if forward is None or module not in forward.stashed:
+                return None
+            return self.block.get_submodule(name)(forward.stashed.pop(module))
+        return post_hook
+
+    def inputs_of(self, name: str) -> Iterator[torch.Tensor]:
+        """Each batch's input [tokens, n] of linear ``name``, in batch order (each forward runs on to it)."""
+        for forward in self._forwards:
+            forward.target = self.linears[name]
+            kind, value = forward.resume()
+            if kind == "error":
+                raise value
+            if kind != "input":
+                raise ValueError(f"targeted linear {name} was never called by its block (or called before the "
+                                 "linears of an earlier group)")
+            yield value
+            del value
+
+    def finish(self) -> list[torch.Tensor]:
+        """Every batch's output hidden states: each forward runs to the end of the block."""
+        outputs = []
+        for forward in self._forwards:
+            kind, value = forward.resume()
+            if kind == "error":
+                raise value
+            if kind != "output":
+                raise RuntimeError("a forward paused after the engine's last request")
+            outputs.append(value)
+        return outputs
+
+    def close(self) -> None:
+        """Unwind every forward still paused and remove the hooks."""
+        for forward in self._forwards:
+            forward.abort()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

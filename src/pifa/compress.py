@@ -30,6 +30,7 @@ from .budget import (
 )
 from .capture import (
     BlockInputs,
+    PausedForwards,
     capture_first_block,
     group_by_input,
     infer_groups,
@@ -324,16 +325,23 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
     if resumed:
         with run.report.stage("checkpoint"):
             run.report.modules += checkpoint.restore_block(block.index, block.module, block.prefix)
-    else:
-        run.report.modules += _compress_block(run, block)
+        run.bar.set_postfix(stage="propagate")
+        with run.report.stage("propagate"):
+            run.streams.advance_compressed(block.module, run.device, block.index)
+        return
+    # the compressed stream runs through the block once per batch, paused at each group's input (no replays)
+    local = {block.local(n): m for n, m in block.linears.items()}
+    with PausedForwards(block.module, run.streams.inputs, run.streams.compressed, run.device, local) as forwards:
+        run.report.modules += _compress_block(run, block, forwards)
         with _stage(run.report, "broadcast", distributed.active()):
             distributed.broadcast_module(block.module)  # every rank keeps rank 0's layers, bit for bit
         if checkpoint is not None and distributed.is_main():
             with run.report.stage("checkpoint"):
                 checkpoint.save_block(block.index, block.module, block.prefix, run.report.modules)
-    run.bar.set_postfix(stage="propagate")
-    with run.report.stage("propagate"):
-        run.streams.advance_compressed(block.module, run.device, block.index)
+        run.bar.set_postfix(stage="propagate")
+        with run.report.stage("propagate"):
+            run.streams.compressed = [_checked(h, block.index).to("cpu", old.dtype)
+                                      for h, old in zip(forwards.finish(), run.streams.compressed)]
 
 
 def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
@@ -433,18 +441,16 @@ def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[
     return {name: block_density[i] / config.density for i, t in enumerate(targets) for name in t}
 
 
-def _group_statistics(run: _Run, block: _Block, group: list[str]
+def _group_statistics(run: _Run, block: _Block, group: list[str], forwards: PausedForwards
                       ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """G = sum x~ x~^T (n, n) over the calibration tokens and, for M, either H = sum x x~^T (n, n) or,
     for a group recorded by its dense outputs y, W H = sum y x~^T (m, n) per linear; float64."""
     first = group[0]
-    module = block.module.get_submodule(first)
     dense_inputs = block.dense_inputs.get(first)
     dense_outputs = {name: block.dense_outputs[name] for name in group if name in block.dense_outputs}
     g = h = None
     wh: dict[str, torch.Tensor] = {}
-    for b, inputs in enumerate(run.streams.inputs):
-        x_c = layer_inputs(block.module, module, inputs, run.streams.compressed[b], run.device)
+    for b, x_c in enumerate(forwards.inputs_of(first)):
         if not bool(torch.isfinite(x_c).all()):
             raise ValueError(f"non-finite activations at the input of {block.prefix}.{first} in block {block.index}")
         g = solver.add_gram(g, x_c)
@@ -467,13 +473,13 @@ def _accumulate(total: torch.Tensor | None, product: torch.Tensor) -> torch.Tens
     return product.double() if total is None else total.add_(product)
 
 
-def _compress_block(run: _Run, block: _Block) -> list[ModuleReport]:
+def _compress_block(run: _Run, block: _Block, forwards: PausedForwards) -> list[ModuleReport]:
     reports: list[ModuleReport] = []
     spec = run.config.spec
     for group in block.groups:
         run.bar.set_postfix(stage=f"statistics {group[0]}")
         with run.report.stage("statistics"):
-            g, h, wh = _group_statistics(run, block, group)
+            g, h, wh = _group_statistics(run, block, group, forwards)
         block.dense_inputs.pop(group[0], None)
         for name in group:
             block.dense_outputs.pop(name, None)
