@@ -155,6 +155,21 @@ def test_non_finite_activations_name_the_block():
         run(model, density=0.5)
 
 
+def test_one_infinite_activation_names_its_linear():
+    """A single Inf among the compressed stream's tokens (caught from G's diagonal, one sum of squares per channel)."""
+    model = tiny_model("llama")
+
+    def poison(_module, _args, output):
+        output = output.clone()
+        output[0, 3, 5] = float("inf")
+        return output
+
+    model.model.layers[1].post_attention_layernorm.register_forward_hook(poison)
+    with pytest.raises(ValueError, match=r"non-finite activations at the input of model.layers.1.mlp.gate_proj in "
+                                         r"block 1"):
+        compress(model, CompressionConfig(method="svd-llm", density=0.5), CALIB, progress=False)
+
+
 def test_no_block_list():
     model = torch.nn.Sequential(torch.nn.Embedding(128, 8), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="no block list found"):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import threading
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import greenlet
 import torch
 from torch import nn
 
@@ -160,65 +161,57 @@ class _Abort(BaseException):
 
 
 class _Forward:
-    """One batch's forward through the block, in its own thread, paused on request (see ``PausedForwards``)."""
+    """One batch's forward through the block as a coroutine (a greenlet: same thread, same thread pools and
+    allocator as the engine), paused on request (see ``PausedForwards``)."""
 
-    def __init__(self, run: Callable[[], torch.Tensor], local: threading.local):
-        self.to_worker, self.to_main = threading.Semaphore(0), threading.Semaphore(0)
+    def __init__(self, run: Callable[[], torch.Tensor]):
         self.target: nn.Module | None = None  # pause at this module's next call
-        self.state: tuple[str, Any] | None = None  # ("input", x) | ("output", y) | ("error", exception)
-        self.started = self.finished = self.aborted = False
         self.stashed: dict[nn.Module, torch.Tensor] = {}  # inputs of swapped linears, for their replacements
-        self.thread = threading.Thread(target=self._main, args=(run, local), daemon=True)
+        self.finished = False
+        self._coroutine = greenlet.greenlet(self._main)
+        self._run = run
 
-    def _main(self, run: Callable[[], torch.Tensor], local: threading.local) -> None:
-        local.forward = self
-        self.to_worker.acquire()
+    def _main(self) -> tuple[str, Any] | None:
         try:
-            if not self.aborted:
-                self.state = ("output", run())
+            return ("output", self._run())
         except _Abort:
-            self.state = None
-        except BaseException as error:  # handed to the engine's thread, which raises it
-            self.state = ("error", error)
-        finally:
-            self.to_main.release()
+            return None
+        except BaseException as error:  # handed to the engine, which raises it
+            return ("error", error)
 
     def pause(self, x: torch.Tensor) -> None:
-        """Called in this forward's thread: hand ``x`` to the engine and wait to be resumed."""
-        self.target, self.state = None, ("input", x)
-        self.to_main.release()
-        self.to_worker.acquire()
-        if self.aborted:
-            raise _Abort
+        """Called inside this forward: hand ``x`` to the engine and wait to be resumed."""
+        self.target = None
+        self._coroutine.parent.switch(("input", x))
 
     def resume(self) -> tuple[str, Any]:
-        """Called in the engine's thread: run this forward until it pauses or ends; its new state."""
+        """Called by the engine: run this forward until it pauses or ends; its new state."""
         if self.finished:
             raise RuntimeError("a finished forward cannot be resumed")
-        if not self.started:
-            self.started = True
-            self.thread.start()
-        self.to_worker.release()
-        self.to_main.acquire()
-        state, self.state = self.state, None
+        state = self._coroutine.switch()
         self.finished = state is None or state[0] != "input"
         return state or ("error", RuntimeError("forward aborted"))
 
-    def abort(self) -> None:
-        """Unwind this forward if it is paused (or has not started) and wait for its thread."""
-        if self.started and not self.finished:
-            self.aborted = True
-            self.to_worker.release()
-            self.thread.join()
+    @property
+    def started(self) -> bool:
+        return bool(self._coroutine) or self._coroutine.dead
+
+    def abort(self) -> tuple[str, Any]:
+        """Unwind this forward if it is paused."""
+        if self._coroutine:  # started, not finished: paused
+            self._coroutine.throw(_Abort)
         self.finished = True
+        return ("aborted", None)
 
 
 class PausedForwards:
     """``block`` run once on every batch, each forward paused at the input of the linear the engine asks for next,
     so that a group's statistics need no replay of the block from its start.
 
-    One thread per batch; only one runs at any time, resumed in batch order by the engine's thread, so every
-    product is computed as a sequential replay would compute it (the same bits). ``linears`` (local name ->
+    Each forward is a coroutine (a greenlet, in the engine's own thread, so its products use the same thread
+    pool and allocator); only one runs at any time, resumed in batch order, so every product is computed as
+    a sequential replay would compute it (the same bits). (Python threads instead cost about a third more
+    time on 2 cores: each keeps its own OpenMP team and malloc arena.) ``linears`` (local name ->
     module) are the block's targeted linears as they are now. When the engine swaps one for a new layer,
     later calls reach the new layer through the block; a forward already inside the old linear's call (it
     paused there) has its input handed to the new layer instead. Memory: the activations each paused forward
@@ -229,16 +222,8 @@ class PausedForwards:
     def __init__(self, block: nn.Module, inputs: list[BlockInputs], hidden: list[torch.Tensor],
                  device: torch.device, linears: dict[str, nn.Module]):
         self.block, self.linears = block, linears
-        grad = torch.is_grad_enabled()  # a thread-local setting: each forward's thread takes the engine's
-
-        def forward(batch: BlockInputs, h: torch.Tensor) -> Callable[[], torch.Tensor]:
-            def run() -> torch.Tensor:
-                with torch.set_grad_enabled(grad):
-                    return batch.call(block, h, device)
-            return run
-
-        self._local = threading.local()  # .forward: the _Forward whose thread this is
-        self._forwards = [_Forward(forward(batch, h), self._local) for batch, h in zip(inputs, hidden)]
+        self._running: _Forward | None = None  # the forward now running (hooks act only inside forwards)
+        self._forwards = [_Forward(functools.partial(batch.call, block, h, device)) for batch, h in zip(inputs, hidden)]
         self._handles = [h for name, module in linears.items()
                          for h in (module.register_forward_pre_hook(self._pre_hook(name)),
                                    module.register_forward_hook(self._post_hook(name)))]
@@ -251,7 +236,7 @@ class PausedForwards:
 
     def _pre_hook(self, name: str) -> Callable:
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-            forward: _Forward | None = getattr(self._local, "forward", None)
+            forward = self._running
             if forward is None:
                 return None
             x = args[0]
@@ -265,17 +250,30 @@ class PausedForwards:
 
     def _post_hook(self, name: str) -> Callable:
         def post_hook(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            forward: _Forward | None = getattr(self._local, "forward", None)
+            forward = self._running
             if forward is None or module not in forward.stashed:
                 return None
             return self.block.get_submodule(name)(forward.stashed.pop(module))
         return post_hook
 
+    def _resume(self, forward: _Forward, abort: bool = False) -> tuple[str, Any]:
+        """Run ``forward`` until it pauses or ends (with ``abort``: unwind it); the hooks act only meanwhile."""
+        self._running = forward
+        try:
+            return forward.abort() if abort else forward.resume()
+        finally:
+            self._running = None
+
+    @property
+    def paused(self) -> int:
+        """How many forwards are paused (started, not finished)."""
+        return sum(not f.finished and f.started for f in self._forwards)
+
     def inputs_of(self, name: str) -> Iterator[torch.Tensor]:
         """Each batch's input [tokens, n] of linear ``name``, in batch order (each forward runs on to it)."""
         for forward in self._forwards:
             forward.target = self.linears[name]
-            kind, value = forward.resume()
+            kind, value = self._resume(forward)
             if kind == "error":
                 raise value
             if kind != "input":
@@ -288,7 +286,7 @@ class PausedForwards:
         """Every batch's output hidden states: each forward runs to the end of the block."""
         outputs = []
         for forward in self._forwards:
-            kind, value = forward.resume()
+            kind, value = self._resume(forward)
             if kind == "error":
                 raise value
             if kind != "output":
@@ -299,7 +297,7 @@ class PausedForwards:
     def close(self) -> None:
         """Unwind every forward still paused and remove the hooks."""
         for forward in self._forwards:
-            forward.abort()
+            self._resume(forward, abort=True)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

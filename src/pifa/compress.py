@@ -451,8 +451,6 @@ def _group_statistics(run: _Run, block: _Block, group: list[str], forwards: Paus
     g = h = None
     wh: dict[str, torch.Tensor] = {}
     for b, x_c in enumerate(forwards.inputs_of(first)):
-        if not bool(torch.isfinite(x_c).all()):
-            raise ValueError(f"non-finite activations at the input of {block.prefix}.{first} in block {block.index}")
         g = solver.add_gram(g, x_c)
         xf = x_c.float()
         if dense_inputs is not None:
@@ -462,6 +460,8 @@ def _group_statistics(run: _Run, block: _Block, group: list[str], forwards: Paus
             bias = getattr(block.module.get_submodule(name), "bias", None)  # y = W x + b: W x x~^T wanted
             y = ys[b].to(run.device).float() if bias is None else ys[b].to(run.device).float() - bias.float()
             wh[name] = _accumulate(wh.get(name), y.T @ xf)
+    if not bool(torch.isfinite(torch.diagonal(g)).all()):  # a NaN or Inf in x~ makes its column's sum of squares so
+        raise ValueError(f"non-finite activations at the input of {block.prefix}.{first} in block {block.index}")
     for total in (g, h, *wh.values()):  # several processes: the sums over every rank's tokens
         if total is not None:
             distributed.all_reduce_sum(total)
