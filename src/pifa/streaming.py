@@ -247,12 +247,14 @@ def memory_limit() -> int | None:
 def block_memory(block: nn.Module, config: CompressionConfig, tokens: int) -> int:
     """A rough upper estimate of the bytes compressing one block needs beyond what is already loaded:
     its weights (twice with M's dense copy), float32/float64 working copies of its largest linear,
-    and the float64 statistics of its widest input (G, its factor and a shifted copy; plus H for M)."""
+    the float64 statistics of its widest input (G, its factor and a shifted copy; plus H for M) and, per
+    calibration token, the activations held for one block: the dense stream's recorded inputs and the
+    paused forwards' (``pifa.capture.PausedForwards``), 16 bytes per channel of the widest input."""
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
     largest = max((p.numel() for p in block.parameters()), default=0)
     widest = max((p.shape[-1] for p in block.parameters() if p.dim() == 2), default=0)
     statistics = 8 * widest * widest * (4 if config.spec.reconstruct else 3)
-    return weights * (2 if config.spec.reconstruct else 1) + 16 * largest + statistics + 8 * tokens * widest
+    return weights * (2 if config.spec.reconstruct else 1) + 16 * largest + statistics + 16 * tokens * widest
 
 
 def check_block_memory(weights: StreamedWeights, config: CompressionConfig, tokens: int,
