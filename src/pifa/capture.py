@@ -196,12 +196,11 @@ class _Forward:
     def started(self) -> bool:
         return bool(self._coroutine) or self._coroutine.dead
 
-    def abort(self) -> tuple[str, Any]:
+    def abort(self) -> None:
         """Unwind this forward if it is paused."""
         if self._coroutine:  # started, not finished: paused
             self._coroutine.throw(_Abort)
         self.finished = True
-        return ("aborted", None)
 
 
 class PausedForwards:
@@ -256,11 +255,11 @@ class PausedForwards:
             return self.block.get_submodule(name)(forward.stashed.pop(module))
         return post_hook
 
-    def _resume(self, forward: _Forward, abort: bool = False) -> tuple[str, Any]:
-        """Run ``forward`` until it pauses or ends (with ``abort``: unwind it); the hooks act only meanwhile."""
+    def _resume(self, forward: _Forward) -> tuple[str, Any]:
+        """Run ``forward`` until it pauses or ends; the hooks act only meanwhile."""
         self._running = forward
         try:
-            return forward.abort() if abort else forward.resume()
+            return forward.resume()
         finally:
             self._running = None
 
@@ -296,8 +295,8 @@ class PausedForwards:
 
     def close(self) -> None:
         """Unwind every forward still paused and remove the hooks."""
-        for forward in self._forwards:
-            self._resume(forward, abort=True)
+        for forward in self._forwards:  # not marked as running: a hook reached while unwinding does nothing
+            forward.abort()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
