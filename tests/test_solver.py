@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,11 +179,39 @@ def test_m_from_w_h_equals_m_from_h_and_its_down_g_is_down_times_g(steps):
                                                                                                          rel=1e-9)
 
 
-def test_a_cut_far_down_the_spectrum_takes_the_float64_decomposition(monkeypatch):
+def test_a_cut_far_down_the_spectrum_takes_float64_mrrr(monkeypatch):
     q = torch.linalg.qr(torch.randn(1100, 1100, dtype=torch.float64, generator=torch.Generator().manual_seed(3))).Q
-    matrix = (q * torch.logspace(0, -8, 1100, dtype=torch.float64)) @ q.T
-    calls = []
-    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **kw: calls.append(1) or real_eigh(*a, **kw))
-    values, _ = solver.top_eigenpairs(matrix, 600)  # the 600th eigenvalue is about 1e-4.4 of the first
-    assert calls
-    assert torch.allclose(values, torch.logspace(0, -8, 1100, dtype=torch.float64)[:600], rtol=1e-8)
+    spectrum = torch.logspace(0, -8, 1100, dtype=torch.float64)
+    matrix = (q * spectrum) @ q.T
+    dtypes = []
+    real_mrrr = solver._mrrr_top
+    monkeypatch.setattr(solver, "_mrrr_top", lambda a, k: dtypes.append(a.dtype) or real_mrrr(a, k))
+    values, vectors = solver.top_eigenpairs(matrix, 600)  # the 600th eigenvalue is about 1e-4.4 of the first
+    assert dtypes == [np.float32, np.float64]  # float32 cannot place the cut: float64 on the top 600 only
+    assert torch.allclose(values, spectrum[:600], rtol=1e-9)
+    assert float((vectors.T @ vectors - torch.eye(600, dtype=torch.float64)).abs().max()) < 1e-12
+    top = q[:, :600]
+    assert float((vectors @ vectors.T - top @ top.T).abs().max()) < 1e-8  # the top subspace to float64 round-off
+
+
+def test_top_eigenpairs_fall_back_to_torch_when_lapack_fails(monkeypatch):
+    q = torch.linalg.qr(torch.randn(1100, 1100, dtype=torch.float64, generator=torch.Generator().manual_seed(4))).Q
+    spectrum = torch.linspace(2, 1, 1100, dtype=torch.float64)
+    monkeypatch.setattr(solver, "_mrrr_top", lambda a, k: None)
+    values, vectors = solver.top_eigenpairs((q * spectrum) @ q.T, 300)
+    assert torch.allclose(values, spectrum[:300], rtol=1e-12)
+    assert float((vectors @ vectors.T - q[:, :300] @ q[:, :300].T).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("layout", ["torch", "row-major"])
+def test_cholesky_solve_equals_torchs(layout):
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(300, 300, dtype=torch.float64, generator=gen)
+    lower = torch.linalg.cholesky(a @ a.T + 300 * torch.eye(300, dtype=torch.float64))  # column-major
+    if layout == "row-major":
+        lower = lower.contiguous()
+    rhs = torch.randn(40, 300, dtype=torch.float64, generator=gen).T  # a transposed view, as M passes it
+    solution = solver.cholesky_solve(rhs, lower)
+    reference = torch.cholesky_solve(rhs, lower)
+    assert solution.shape == reference.shape
+    assert float((solution - reference).abs().max() / reference.abs().max()) < 1e-12
