@@ -205,12 +205,13 @@ def test_top_eigenpairs_fall_back_to_torch_when_lapack_fails(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["torch", "row-major"])
 def test_cholesky_solve_equals_torchs(layout):
+    n = solver.FAST_EIGH_MIN + 76  # large enough for SciPy's solves
     gen = torch.Generator().manual_seed(5)
-    a = torch.randn(300, 300, dtype=torch.float64, generator=gen)
-    lower = torch.linalg.cholesky(a @ a.T + 300 * torch.eye(300, dtype=torch.float64))  # column-major
+    a = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    lower = torch.linalg.cholesky(a @ a.T + n * torch.eye(n, dtype=torch.float64))  # column-major
     if layout == "row-major":
         lower = lower.contiguous()
-    rhs = torch.randn(40, 300, dtype=torch.float64, generator=gen).T  # a transposed view, as M passes it
+    rhs = torch.randn(40, n, dtype=torch.float64, generator=gen).T  # a transposed view, as M passes it
     solution = solver.cholesky_solve(rhs, lower)
     reference = torch.cholesky_solve(rhs, lower)
     assert solution.shape == reference.shape

@@ -138,7 +138,7 @@ def truncate(weight: torch.Tensor, chol: torch.Tensor | None, rank: int) -> Trun
     return Truncation(up, down, energy)
 
 
-FAST_EIGH_MIN = 1024  # below this size one float64 eigh of every eigenpair is cheap: use it
+FAST_EIGH_MIN = 1024  # below this size one float64 eigh of every eigenpair (or torch's Cholesky solve) is cheap
 
 
 def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,10 +246,11 @@ def m_objective(
 
 
 def cholesky_solve(rhs: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """X with L L^T X = rhs for a lower Cholesky factor L, as ``torch.cholesky_solve``. On CPU by SciPy's
-    LAPACK (its two triangular solves take about half of torch's time on this project's machines; the
-    same solution to round-off)."""
-    if lower.device.type != "cpu":
+    """X with L L^T X = rhs for a lower Cholesky factor L, as ``torch.cholesky_solve``. On CPU, for an L of
+    1024 rows or more, by SciPy's LAPACK: its two triangular solves take about half of torch's time on this
+    project's machines (the same solution to round-off). Smaller systems stay with torch: there the time
+    is in the calls, and SciPy's BLAS threads would compete with torch's for the cores."""
+    if lower.device.type != "cpu" or lower.shape[0] < FAST_EIGH_MIN:
         return torch.cholesky_solve(rhs, lower)
     # LAPACK reads a Fortran-ordered array without a copy: L itself (torch's factors are) or else L^T
     factor = (lower.numpy(), True) if lower.T.is_contiguous() else (lower.numpy().T, False)
