@@ -54,7 +54,7 @@ from .model import (
 )
 from .report import CompressionReport, ModuleReport
 from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityCache, SensitivityProbe, output_head
-from .validate import check_positive_int, parse_device
+from .validate import all_finite, check_positive_int, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class _Streams:
                 by_outputs = _by_outputs(linears, group)
                 for name, seen, kept in ([(n, batch_outputs, outputs_seen) for n in group] if by_outputs
                                          else [(group[0], batch_inputs, inputs_seen)]):
-                    if not bool(torch.isfinite(seen[name]).all()):
+                    if not all_finite(seen[name]):
                         side = "output" if by_outputs else "input"
                         raise ValueError(f"non-finite activations at the {side} of {prefix}.{name} in block {index}")
                     kept.setdefault(name, []).append(seen[name].to("cpu"))
@@ -209,7 +209,7 @@ def _check_vocabulary(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 def _checked(hidden: torch.Tensor, index: int) -> torch.Tensor:
-    if not bool(torch.isfinite(hidden).all()):
+    if not all_finite(hidden):
         raise ValueError(f"non-finite activations at the output of block {index}")
     return hidden
 
@@ -460,7 +460,7 @@ def _group_statistics(run: _Run, block: _Block, group: list[str], forwards: Paus
             bias = getattr(block.module.get_submodule(name), "bias", None)  # y = W x + b: W x x~^T wanted
             y = ys[b].to(run.device).float() if bias is None else ys[b].to(run.device).float() - bias.float()
             wh[name] = _accumulate(wh.get(name), y.T @ xf)
-    if not bool(torch.isfinite(torch.diagonal(g)).all()):  # a NaN or Inf in x~ makes its column's sum of squares so
+    if not all_finite(torch.diagonal(g)):  # a NaN or Inf in x~ makes its column's sum of squares so
         raise ValueError(f"non-finite activations at the input of {block.prefix}.{first} in block {block.index}")
     for total in (g, h, *wh.values()):  # several processes: the sums over every rank's tokens
         if total is not None:
@@ -504,7 +504,7 @@ def _compress_block(run: _Run, block: _Block, forwards: PausedForwards) -> list[
 
 def _finite_weight(module: nn.Module, full: str) -> torch.Tensor:
     weight = linear_weight(module)
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError(f"non-finite weights (NaN or Inf) in {full}")
     return weight
 

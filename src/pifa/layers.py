@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pivot import DEFAULT_PIVOT_METHOD, PivotMethod, check_factors, pivot_factorize
+from .validate import all_finite
 
 
 def check_rank(rank: int, out_features: int, in_features: int) -> None:
@@ -30,7 +31,7 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"expected an nn.Linear, got {type(linear).__name__}")
     weight = linear.weight.detach()
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError("linear weight has non-finite values (NaN or Inf)")
     return weight
 

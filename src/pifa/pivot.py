@@ -18,6 +18,7 @@ import scipy.linalg
 import torch
 
 from .solver import scipy_threads
+from .validate import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def check_factors(up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | Non
     if bias is not None and tuple(bias.shape) != (m,):
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features {m}")
     for name, tensor in (("up", up), ("down", down), ("bias", bias)):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        if tensor is not None and not all_finite(tensor):
             raise ValueError(f"factor '{name}' has non-finite values (NaN or Inf)")
 
 

@@ -15,6 +15,8 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
+from .validate import all_finite
+
 logger = logging.getLogger(__name__)
 
 
@@ -275,7 +277,7 @@ def _solve_left(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         solution, info = torch.linalg.solve_ex(system, rhs)
         if int(info) != 0:
             raise SingularSystem("singular system in the M reconstruction")
-    if not bool(torch.isfinite(solution).all()):
+    if not all_finite(solution):
         raise SingularSystem("singular system in the M reconstruction")
     return solution
 
@@ -342,6 +344,6 @@ def m_reconstruct(
         rhs = _solve_left(up.T @ up, up.T @ target)  # (U^T U)^-1 U^T (...); lstsq is not deterministic on CPU
         down = cholesky_solve(rhs.T, g_factor).T
         down_g = rhs  # V (G + mu I) = rhs by construction: the next U-step needs no (r, n) x (n, n) product
-        if not bool(torch.isfinite(down).all()):
+        if not all_finite(down):
             raise SingularSystem("singular system in the M reconstruction")
     return Reconstruction(up, down, down_g.sub_(down, alpha=mu) if steps else down_g - mu * down)
