@@ -3,6 +3,10 @@
     git worktree add /tmp/pifa_old 83b0771
     python benchmarks/bench_engines.py --src /tmp/pifa_old/src src --json results/engines_smollm2.json
     python benchmarks/bench_engines.py --show results/engines_smollm2.json
+    python benchmarks/bench_engines.py --floor     # the float32 work any version must do, at this machine's speed
+
+After the runs the script also measures that floor (``--floor`` alone prints only it), so the runs and
+the machine speed that bounds them come from one session.
 
 Each ``--src`` is the ``src`` folder of a version of the library; they run in the order given (a
 version may be named twice, to bracket the other one and see the machine's drift), one at a time,
@@ -87,11 +91,11 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 def commit_of(src: Path) -> str:
-    """The git commit a ``src`` folder's checkout is at (and ``+changes`` when its tree differs)."""
+    """The git commit a ``src`` folder's checkout is at (and ``+changes`` when the files under it differ)."""
     def git(*argv: str) -> str:
         return subprocess.run(["git", "-C", str(src), *argv], capture_output=True, text=True).stdout.strip()
 
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))  # the library's files only
     return git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else "")
 
 
@@ -103,7 +107,50 @@ def table(result: dict[str, Any]) -> str:
     rows = [{"run": i + 1, "commit": r["commit"], "compress s": f"{r['compress_s']:.1f}",
              "run 1 / this": f"{first / r['compress_s']:.2f}x", "perplexity": repr(r["ppl"]),
              "density": f"{r['density']:.4f}"} for i, r in enumerate(runs)]
-    return result["protocol"] + "\n" + format_table(rows)
+    text = result["protocol"] + "\n" + format_table(rows)
+    return text + ("\n\nmeasured right after, in the same run:\n" + result["floor"] if "floor" in result else "")
+
+
+def floor(args: argparse.Namespace) -> str:
+    """The float32 products any engine must compute for M on SmolLM2 (by their shapes), and the seconds they take at
+    this machine's best measured float32 GEMM speed: a lower bound on the compression time of every version."""
+    import statistics
+
+    import torch
+    from bench_smollm2 import gguf_path
+
+    from pifa.app.gguf import load_gguf
+    from pifa.tables import format_table
+
+    torch.set_num_threads(args.threads)
+    config = load_gguf(gguf_path(), "float32", "cpu")[0].config
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    tokens, seq = args.samples * args.seq_len, args.seq_len
+    params = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o, k, v, gate, up, down
+    sym = lambda n: 1.0 if n < 1024 else 10 / 16  # noqa: E731 - pifa's gram: blocks on and above the diagonal
+    work = {  # flops over all blocks and tokens
+        "dense stream: linears": 2 * params * tokens * layers,
+        f"compressed stream: linears (density {args.density})": 2 * params * args.density * tokens * layers,
+        "both streams: attention (causal half of QK^T, PV)": 2 * 2 * seq * d * tokens * layers,
+        "G (symmetric) and H of q/k/v, o, gate/up": 3 * (2 * d * d * tokens) * (sym(d) + 1) * layers,
+        "G (symmetric) and W H of down_proj": (2 * f * f * tokens * sym(f) + 2 * d * f * tokens) * layers,
+    }
+    speeds = []
+    for n, m in [(d, d), (d, f), (f, f)]:  # the shapes of the statistics and of the linears, 4096 tokens a batch
+        a, b = torch.randn(4096, n), torch.randn(4096, m)
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            a.T @ b
+            times.append(time.perf_counter() - start)
+        speeds.append(2 * 4096 * n * m / statistics.median(times[2:]))
+    best = max(speeds)
+    rows = [{"work": name, "TFLOP": f"{flop / 1e12:.2f}", "s at best speed": f"{flop / best:.1f}"}
+            for name, flop in [*work.items(), ("total", sum(work.values()))]]
+    return (f"SmolLM2-135M-Instruct, {args.samples} x {args.seq_len} tokens, {args.threads} threads: best measured "
+            f"float32 GEMM speed {best / 1e9:.0f} GFLOP/s (of {', '.join(f'{s / 1e9:.0f}' for s in speeds)})\n"
+            + format_table(rows))
 
 
 def main() -> None:
@@ -120,6 +167,8 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="add the runs to those already in --json (the same protocol; checked)")
     parser.add_argument("--show", type=Path, metavar="JSON", help="print the table of an earlier results file")
+    parser.add_argument("--floor", action="store_true",
+                        help="print the float32 work M needs by its shapes and its time at this machine's GEMM speed")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,6 +176,9 @@ def main() -> None:
         return child(args)
     if args.show:
         return print(table(json.loads(args.show.read_text())))
+    if args.floor:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return print(floor(args))
     if not args.src:
         parser.error("--src: at least one src folder")
     sources = [src.resolve() for src in args.src]
@@ -164,6 +216,8 @@ def main() -> None:
             print(f"{run['commit']}: {run['compress_s']:.1f} s, perplexity {run['ppl']!r}", flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result["floor"] = floor(args)  # the machine's speed of this very session, next to the runs it bounds
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
 

@@ -12,6 +12,9 @@ like an in-memory run's and holds the same tensors.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -128,8 +131,26 @@ def load_tensors(module: nn.Module, prefix: str, source: WeightSource, dtype: to
 
 
 def release(module: nn.Module) -> None:
-    """Free ``module``'s tensors (back to the meta device)."""
+    """Free ``module``'s tensors (back to the meta device) and hand the freed memory back to the system."""
     module.to("meta")
+    trim_heap()
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim_heap() -> None:
+    """glibc's ``malloc_trim(0)``: without it, the freed tensors of earlier blocks stay in the malloc
+    arenas' free lists, fragmented, and the resident memory creeps up with depth (measured on 32 blocks:
+    1.31 GiB in one run, 1.50 GiB in the next). A no-op where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class ShardWriter:
