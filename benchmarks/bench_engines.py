@@ -117,13 +117,14 @@ def floor(args: argparse.Namespace) -> str:
     import statistics
 
     import torch
+    import transformers
     from bench_smollm2 import gguf_path
 
-    from pifa.app.gguf import load_gguf
     from pifa.tables import format_table
 
     torch.set_num_threads(args.threads)
-    config = load_gguf(gguf_path(), "float32", "cpu")[0].config
+    path = gguf_path()  # the shapes only: the config from the GGUF header, no tensors dequantized
+    config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     tokens, seq = args.samples * args.seq_len, args.seq_len
@@ -176,8 +177,8 @@ def main() -> None:
         return child(args)
     if args.show:
         return print(table(json.loads(args.show.read_text())))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_smollm2, for the floor and the inputs
     if args.floor:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         return print(floor(args))
     if not args.src:
         parser.error("--src: at least one src folder")
@@ -199,7 +200,6 @@ def main() -> None:
         result["runs"] = earlier["runs"]
     with tempfile.TemporaryDirectory(prefix="pifa-engines-") as tmp:
         work = Path(tmp)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         prepare(args, work)
         for src in sources:
             command = [sys.executable, __file__, "--child", "--workdir", str(work), "--threads", str(args.threads),
