@@ -9,7 +9,7 @@ import torch
 
 from helpers import tiny_model
 from pifa.budget import allocate_ranks, layer_parameters, owl_block_densities, rank_for_density, spectrum_ranks
-from pifa.capture import capture_first_block, infer_groups
+from pifa.capture import capture_block_inputs, infer_groups
 from pifa.model import find_blocks, target_linears
 
 SHAPES = {"a": (64, 32), "b": (32, 32), "c": (96, 48), "d": (17, 40)}
@@ -77,9 +77,9 @@ def test_infer_groups_on_llama_follows_execution_order():
     name, blocks = find_blocks(model)
     linears = target_linears(blocks[0], f"{name}.0", (), ())
     local = {n.removeprefix(f"{name}.0."): m for n, m in linears.items()}
-    inputs = capture_first_block(model, blocks[0], [torch.randint(0, 128, (2, 8))], torch.device("cpu"))
+    inputs = capture_block_inputs(model, blocks, [torch.randint(0, 128, (2, 8))], torch.device("cpu"))
     with torch.no_grad():
-        groups = infer_groups(blocks[0], local, inputs[0], torch.device("cpu"))
+        groups = infer_groups(0, blocks[0], local, inputs[0], torch.device("cpu"))
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 

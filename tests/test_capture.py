@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from pifa.capture import PausedForwards, capture_first_block, infer_groups, layer_inputs
+from pifa.capture import PausedForwards, capture_block_inputs, infer_groups, layer_inputs
 from pifa.model import find_blocks, set_module, target_linears
 
 CPU = torch.device("cpu")
@@ -22,8 +22,8 @@ def _block(arch: str, batches: int = 3):
     local = {n.removeprefix(f"{name}.0."): m for n, m in target_linears(block, f"{name}.0", (), ()).items()}
     data = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(batches)]
     with torch.no_grad():
-        inputs = capture_first_block(model, block, data, CPU)
-        groups = infer_groups(block, local, inputs[0], CPU)
+        inputs = capture_block_inputs(model, blocks, data, CPU)
+        groups = infer_groups(0, block, local, inputs[0], CPU)
     return block, local, inputs, groups
 
 
@@ -39,17 +39,17 @@ def _replacement(module: torch.nn.Module) -> torch.nn.Module:
 def test_paused_forwards_equal_replays_with_swapped_layers(arch):
     block, local, inputs, groups = _block(arch)
     hidden = [i.hidden for i in inputs]
-    with torch.no_grad(), PausedForwards(block, inputs, hidden, CPU, local) as forwards:
+    with torch.no_grad(), PausedForwards(0, block, inputs, hidden, CPU, local) as forwards:
         for group in groups:
             seen = list(forwards.inputs_of(group[0]))
-            replayed = [layer_inputs(block, local[group[0]], i, h, CPU) for i, h in zip(inputs, hidden)]
+            replayed = [layer_inputs(0, block, local[group[0]], i, h, CPU) for i, h in zip(inputs, hidden)]
             assert len(seen) == len(replayed) == len(inputs)
             for x, y in zip(seen, replayed):
                 assert torch.equal(x, y)
             for name in group:  # the engine swaps the group's layers before the next group's statistics
                 set_module(block, name, _replacement(local[name]))
         outputs = forwards.finish()
-        expected = [i.call(block, h, CPU) for i, h in zip(inputs, hidden)]
+        expected = [i.call(0, block, h, CPU) for i, h in zip(inputs, hidden)]
         for out, ref in zip(outputs, expected):
             assert not out.requires_grad
             assert torch.equal(out, ref)
@@ -60,7 +60,7 @@ def test_paused_forwards_equal_replays_with_swapped_layers(arch):
 def test_leaving_early_unwinds_paused_forwards_and_removes_hooks():
     block, local, inputs, groups = _block("llama")
     with pytest.raises(KeyError), torch.no_grad():
-        with PausedForwards(block, inputs, [i.hidden for i in inputs], CPU, local) as forwards:
+        with PausedForwards(0, block, inputs, [i.hidden for i in inputs], CPU, local) as forwards:
             for _ in forwards.inputs_of(groups[1][0]):
                 pass
             assert forwards.paused == len(inputs)  # every forward paused at o_proj
@@ -77,7 +77,7 @@ def test_errors_inside_a_forward_reach_the_engine():
 
     handle = local["mlp.up_proj"].register_forward_pre_hook(broken)
     try:
-        with torch.no_grad(), PausedForwards(block, inputs, [i.hidden for i in inputs], CPU, local) as forwards:
+        with torch.no_grad(), PausedForwards(0, block, inputs, [i.hidden for i in inputs], CPU, local) as forwards:
             list(forwards.inputs_of("self_attn.q_proj"))
             with pytest.raises(ZeroDivisionError, match="inside the block"):
                 list(forwards.inputs_of("mlp.down_proj"))
@@ -88,7 +88,7 @@ def test_errors_inside_a_forward_reach_the_engine():
 def test_a_linear_never_called_is_one_line():
     block, local, inputs, _ = _block("llama")
     stray = torch.nn.Linear(32, 32)
-    with torch.no_grad(), PausedForwards(block, inputs, [i.hidden for i in inputs], CPU,
+    with torch.no_grad(), PausedForwards(0, block, inputs, [i.hidden for i in inputs], CPU,
                                          {**local, "stray": stray}) as forwards:
         with pytest.raises(ValueError, match="stray was never called"):
             list(forwards.inputs_of("stray"))

@@ -1,4 +1,4 @@
-"""Activation capture: the first block's inputs, block replay, per-group statistics (hooks only)."""
+"""Activation capture: every block's inputs, the replay guard, block replay, per-group statistics (hooks only)."""
 
 from __future__ import annotations
 
@@ -31,54 +31,206 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A block call's hidden states and its other inputs."""
+    if args:
+        return args[0], args[1:], kwargs
+    if "hidden_states" not in kwargs:
+        raise ValueError("a transformer block was called without hidden states (neither first argument nor "
+                         "'hidden_states')")
+    return kwargs["hidden_states"], (), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
 @dataclass
 class BlockInputs:
-    """What a block is called with for one calibration batch; ``hidden`` is [B, T, d] on the CPU."""
+    """What every block is called with for one calibration batch.
+
+    ``hidden`` is block 0's input [B, T, d] on the CPU; ``per_block[i]`` is block i's other inputs
+    (args, kwargs): its attention mask, rotary embeddings, ... as the model itself passes them, which
+    differ between blocks of different layer types (sliding-window and full attention, two rotary
+    bases in Gemma 3). A tensor passed to several blocks is stored once (one CPU tensor, the model's dtype).
+    """
 
     hidden: torch.Tensor
-    args: tuple
-    kwargs: dict[str, Any]
+    per_block: list[tuple[tuple, dict[str, Any]]]
+    ids: torch.Tensor  # the batch's token ids (for the replay guard)
 
-    def call(self, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Run ``block`` on ``hidden`` with this batch's other inputs; returns the output hidden states."""
-        args = map_tensors(self.args, lambda t: t.to(device))
-        kwargs = map_tensors(self.kwargs, lambda t: t.to(device))
-        hidden = hidden.to(device)
-        out = block(hidden, *args, **kwargs)
+    def call(self, index: int, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Run ``block`` (block number ``index``) on ``hidden`` with its other inputs of this batch; returns the
+        output hidden states."""
+        args, kwargs = self.per_block[index]
+        args = map_tensors(args, lambda t: t.to(device))
+        kwargs = map_tensors(kwargs, lambda t: t.to(device))
+        out = block(hidden.to(device), *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_first_block(
-    model: nn.Module, block: nn.Module, batches: list[torch.Tensor], device: torch.device
-) -> list[BlockInputs]:
-    """Inputs of ``block`` for every batch, captured by a forward pre-hook (``with_kwargs=True``)."""
-    captured: list[BlockInputs] = []
+class _PassThrough:
+    """A block's stand-in during capture: records what the model calls it with and returns its hidden states
+    unchanged (as a tensor, or as a 1-tuple for models whose loop takes ``outputs[0]``); no weight is read."""
 
-    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        to_cpu = lambda t: t.detach().to("cpu")  # noqa: E731
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs["hidden_states"], ()
-            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append(BlockInputs(to_cpu(hidden), map_tensors(rest, to_cpu), map_tensors(kwargs, to_cpu)))
-        raise _Stop
+    def __init__(self, index: int, calls: list, shared: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 as_tuple: bool, last: bool) -> None:
+        self.index, self.calls, self.shared, self.as_tuple, self.last = index, calls, shared, as_tuple, last
+        self.shape: torch.Size | None = None
 
-    with hooks([block.register_forward_pre_hook(pre_hook, with_kwargs=True)]):
-        for batch in batches:
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        # the same tensor object passed to several blocks (a layer type's mask) is copied once; the original
+        # is held with its copy so that its id cannot be reused during the capture
+        if id(t) not in self.shared:
+            self.shared[id(t)] = (t, t.detach().to("cpu"))
+        return self.shared[id(t)][1]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hidden, rest, kw = _split_hidden(args, kwargs)
+        if not isinstance(hidden, torch.Tensor):
+            raise _Mismatch
+        self.calls[self.index] = (hidden, map_tensors(rest, self._keep), map_tensors(kw, self._keep))
+        if self.last:
+            raise _Stop
+        return (hidden,) if self.as_tuple else hidden
+
+
+class _Mismatch(Exception):
+    """The stand-ins returned the wrong structure for this model's block loop."""
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                         device: torch.device) -> list[BlockInputs]:
+    """Every block's inputs for every batch, as the model's own forward passes them.
+
+    Each block is replaced for the pass by a stand-in that records its call and hands its hidden states on
+    unchanged, so the capture costs the embeddings and mask construction only, reads no block weight (a
+    streamed model's blocks may be on the meta device) and ends at the last block. Whether the model's loop
+    wants a tensor or a tuple back is found by trying: a later block that receives hidden states of another
+    shape (``outputs[0]`` of a tensor) means the other structure.
+    """
+    for as_tuple in (False, True):
+        try:
+            return [_capture_batch(model, blocks, batch, device, as_tuple) for batch in batches]
+        except _Mismatch:
+            continue
+    raise ValueError("cannot capture the transformer blocks' inputs: the model's block loop accepts neither a "
+                     "tensor nor a tuple of hidden states from its blocks")
+
+
+def _capture_batch(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, device: torch.device,
+                   as_tuple: bool) -> BlockInputs:
+    calls: list = [None] * len(blocks)
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    stand_ins = [_PassThrough(i, calls, shared, as_tuple, i == len(blocks) - 1) for i in range(len(blocks))]
+    own = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's hooked forward
+    try:
+        for block, stand_in in zip(blocks, stand_ins):
+            block.forward = stand_in  # the instance attribute shadows the class's forward; hooks still run
+        model(input_ids=batch.to(device))
+    except _Stop:
+        crash_point("capture")
+    except Exception as error:  # a wrong structure may fail anywhere in the model's own code
+        if not as_tuple and any(c is not None for c in calls[1:]):
+            raise _Mismatch from error
+        raise
+    else:
+        raise ValueError("the forward pass never reached the last transformer block")
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+    if any(c is None for c in calls):
+        missing = [i for i, c in enumerate(calls) if c is None]
+        raise ValueError(f"the forward pass never called transformer blocks {missing}")
+    first = calls[0][0]
+    if any(c[0].shape != first.shape for c in calls[1:]):
+        raise _Mismatch
+    return BlockInputs(first.detach().to("cpu"), [(rest, kw) for _, rest, kw in calls], batch.detach().to("cpu"))
+
+
+def _tolerance(reference: torch.Tensor) -> float:
+    """Round-off allowed between a replayed block output and the model's own: a few units in the last place
+    of the largest value (a replay runs the same operations on the same inputs: in practice, the same bits)."""
+    eps = torch.finfo(reference.dtype).eps if reference.is_floating_point() else 0.0
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return (16 if reference.dtype in (torch.float32, torch.float64) else 2) * eps * max(1.0, scale)
+
+
+def replay_differences(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, inputs: BlockInputs,
+                       device: torch.device,
+                       resident: Callable[[int, nn.Module], contextlib.AbstractContextManager[Any]]
+                       ) -> list[tuple[float, float]]:
+    """The model's own forward on ``batch`` against the engine's replay from ``inputs`` (its capture of the
+    same batch), block by block: (largest difference, tolerance) of block 0's input, then of every block's
+    output, each replayed from the block's true input. ``resident(index, block)`` makes a block's weights
+    present and puts it on ``device`` while it runs (streamed models). One forward and one replay of the
+    batch; the forward ends at the last block, or at the first whose own output is not finite."""
+    found: list[tuple[float, float]] = []
+    state: dict[str, Any] = {"replaying": False, "stack": None, "input": None}
+
+    def pre_hook(index: int) -> Callable:
+        def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            if state["replaying"]:
+                return
+            state["stack"] = contextlib.ExitStack()
+            state["stack"].enter_context(resident(index, block))
+            hidden = _split_hidden(args, kwargs)[0]
+            state["input"] = hidden
+            if index == 0:
+                true = hidden.detach().to("cpu")
+                found.append((float((true.float() - inputs.hidden.float()).abs().max()), _tolerance(true)))
+        return hook
+
+    def post_hook(index: int) -> Callable:
+        def hook(block: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> None:
+            if state["replaying"]:
+                return
+            true = output[0] if isinstance(output, (tuple, list)) else output
+            state["replaying"] = True
             try:
-                model(input_ids=batch.to(device))
-            except _Stop:
-                crash_point("capture")
-                continue
-            raise ValueError("the forward pass never reached the first transformer block")
-    return captured
+                replayed = inputs.call(index, block, state["input"], device)
+            finally:
+                state["replaying"] = False
+                state["stack"].close()
+            if not torch.isfinite(true).all():  # the model's own forward overflows: not the replay's to judge
+                raise _Stop  # (the engine names the non-finite weights or activations itself)
+            found.append((float((replayed.float() - true.float()).abs().max()), _tolerance(true)))
+            if index == len(blocks) - 1:
+                raise _Stop
+        return hook
+
+    handles = [h for i, block in enumerate(blocks)
+               for h in (block.register_forward_pre_hook(pre_hook(i), with_kwargs=True),
+                         block.register_forward_hook(post_hook(i), with_kwargs=True))]
+    with hooks(handles):
+        try:
+            model(input_ids=batch.to(device))
+        except _Stop:
+            return found
+        finally:
+            if state["stack"] is not None:
+                state["stack"].close()
+    raise ValueError("the forward pass never reached the last transformer block")
 
 
-def layer_inputs(
-    block: nn.Module, module: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, device: torch.device
-) -> torch.Tensor:
-    """The input [tokens, n] of ``module`` when ``block`` runs on ``hidden`` (stops the block right there)."""
+def check_replay(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, inputs: BlockInputs,
+                 device: torch.device,
+                 resident: Callable[[int, nn.Module], contextlib.AbstractContextManager[Any]]) -> float:
+    """Refuse (ValueError naming the first block) when the replay differs from the model's own forward beyond
+    round-off (see ``replay_differences``); returns the largest difference found."""
+    found = replay_differences(model, blocks, batch, inputs, device, resident)
+    for position, (difference, tolerance) in enumerate(found):
+        if not difference <= tolerance:  # NaN too
+            where = "the first block's input" if position == 0 else f"block {position - 1}"
+            raise ValueError(f"cannot reproduce this model's own forward pass block by block: {where} differs by "
+                             f"{difference:.3g} (allowed {tolerance:.3g}); this architecture passes its blocks "
+                             "inputs pifa does not capture, so it is not supported")
+    return max((d for d, _ in found), default=0.0)
+
+
+def layer_inputs(index: int, block: nn.Module, module: nn.Module, inputs: BlockInputs, hidden: torch.Tensor,
+                 device: torch.device) -> torch.Tensor:
+    """The input [tokens, n] of ``module`` when ``block`` (number ``index``) runs on ``hidden`` (stops the block
+    right there)."""
     seen: list[torch.Tensor] = []
 
     def pre_hook(_module: nn.Module, args: tuple) -> None:
@@ -87,7 +239,7 @@ def layer_inputs(
 
     with hooks([module.register_forward_pre_hook(pre_hook)]):
         try:
-            inputs.call(block, hidden, device)
+            inputs.call(index, block, hidden, device)
         except _Stop:
             return seen[0]
     raise ValueError("a targeted linear was never called by its block")
@@ -130,7 +282,7 @@ def record_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Te
         yield seen
 
 
-def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs,
+def infer_groups(index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs,
                  device: torch.device) -> list[list[str]]:
     """Groups of linears in execution order; linears fed the same input tensor share a group.
 
@@ -138,7 +290,7 @@ def infer_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockI
     """
     order: list[tuple[str, torch.Tensor]] = []
     with record_inputs(linears, order):
-        inputs.call(block, inputs.hidden, device)
+        inputs.call(index, block, inputs.hidden, device)
     return group_by_input(order)
 
 
@@ -218,11 +370,12 @@ class PausedForwards:
     Use as a context manager: leaving it unwinds the forwards that have not finished.
     """
 
-    def __init__(self, block: nn.Module, inputs: list[BlockInputs], hidden: list[torch.Tensor],
+    def __init__(self, index: int, block: nn.Module, inputs: list[BlockInputs], hidden: list[torch.Tensor],
                  device: torch.device, linears: dict[str, nn.Module]):
         self.block, self.linears = block, linears
         self._running: _Forward | None = None  # the forward now running (hooks act only inside forwards)
-        self._forwards = [_Forward(functools.partial(batch.call, block, h, device)) for batch, h in zip(inputs, hidden)]
+        self._forwards = [_Forward(functools.partial(batch.call, index, block, h, device))
+                          for batch, h in zip(inputs, hidden)]
         self._handles = [h for name, module in linears.items()
                          for h in (module.register_forward_pre_hook(self._pre_hook(name)),
                                    module.register_forward_hook(self._post_hook(name)))]

@@ -1,7 +1,7 @@
 """``pifa.compress``: the block-by-block engine.
 
-data -> capture the first block's inputs -> per block: infer groups, collect statistics
-for each group, solve, swap layers -> propagate both streams -> next block.
+data -> capture every block's inputs (checked against the model's own forward) -> per block: infer
+groups, collect statistics for each group, solve, swap layers -> propagate both streams -> next block.
 Only the current block sits on the compute device; activations wait on the CPU.
 What each method does comes from :data:`pifa.config.METHODS`; nothing here tests method names.
 """
@@ -31,7 +31,8 @@ from .budget import (
 from .capture import (
     BlockInputs,
     PausedForwards,
-    capture_first_block,
+    capture_block_inputs,
+    check_replay,
     group_by_input,
     infer_groups,
     layer_inputs,
@@ -106,7 +107,7 @@ class _Streams:
         return self.residency.resident(module, f"{self.prefix}.{index}")
 
     def advance_compressed(self, block: nn.Module, device: torch.device, index: int) -> None:
-        self.compressed = [_checked(i.call(block, h, device), index).to("cpu", h.dtype)
+        self.compressed = [_checked(i.call(index, block, h, device), index).to("cpu", h.dtype)
                            for i, h in zip(self.inputs, self.compressed)]
 
     def advance_dense(self, block: nn.Module, device: torch.device, index: int, prefix: str,
@@ -128,7 +129,7 @@ class _Streams:
                 record_in = {g[0]: linears[g[0]] for g in groups if not _by_outputs(linears, g)}
                 record_out = {n: linears[n] for g in groups if _by_outputs(linears, g) for n in g}
             with record_inputs(record_in, order) as batch_inputs, record_outputs(record_out) as batch_outputs:
-                output = inputs.call(block, hidden, device)
+                output = inputs.call(index, block, hidden, device)
             if order is not None:
                 groups = group_by_input(order)
                 del order
@@ -246,8 +247,10 @@ def compress(
     report.stage_seconds["setup"] = time.perf_counter() - start  # checks and the checkpoint's fingerprint
     with inference_state(model):
         with report.stage("capture"):  # several processes: each calibrates on its share of the batches
-            streams = _Streams.start(capture_first_block(model, blocks[0], distributed.shard(batches), device),
+            streams = _Streams.start(capture_block_inputs(model, blocks, distributed.shard(batches), device),
                                      config.spec.reconstruct, weights, blocks_name)
+        with report.stage("guard"):  # one forward and one replay of a batch
+            report.replay_difference = _guard(model, blocks, streams, device)
         with report.stage("allocate"):  # all the batches: every rank measures the same sensitivity subset
             plan = _plan(config, blocks, targets, streams, device, model, batches, sensitivity_cache)
         report.allocation_cost = plan.cost
@@ -265,6 +268,24 @@ def compress(
             del block  # the replaced linears go with it: nothing of a finished block stays referenced
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _guard(model: nn.Module, blocks: nn.ModuleList, streams: _Streams, device: torch.device) -> float:
+    """The replay guard (``pifa.capture.check_replay``) on the first calibration batch: the engine's replay of
+    the dense blocks must equal the model's own forward, or nothing is compressed. Returns the largest
+    difference."""
+    def resident(index: int, block: nn.Module) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(streams.resident(index, block))
+        stack.enter_context(on_device(block, device))
+        return stack
+
+    first = streams.inputs[0]
+    batch = first.ids
+    difference = check_replay(model, blocks, batch, first, device, resident)
+    logger.info("replay guard: the replayed dense blocks equal the model's own forward (largest difference %.3g)",
+                difference)
+    return difference
 
 
 def _stage(report: CompressionReport, name: str, timed: bool) -> contextlib.AbstractContextManager[None]:
@@ -298,8 +319,9 @@ def plan(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | Iter
     """
     batches, blocks_name, blocks, device, targets = _prepare(model, config, calib, device, batch_size)
     with inference_state(model):
-        streams = _Streams.start(capture_first_block(model, blocks[0], distributed.shard(batches), device), False,
+        streams = _Streams.start(capture_block_inputs(model, blocks, distributed.shard(batches), device), False,
                                  weights or InMemory(), blocks_name)
+        _guard(model, blocks, streams, device)
         shapes = {n: linear_shape(m) for t in targets for n, m in t.items()}
         return _plan(config, blocks, targets, streams, device, model, batches, sensitivity_cache), shapes
 
@@ -313,7 +335,7 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
                 _finite_weight(module, name)
             if run.streams.dense is None:  # with two streams, the dense pass finds the groups on its way
                 local = {block.local(n): m for n, m in block.linears.items()}
-                block.groups = infer_groups(block.module, local, run.streams.inputs[0], run.device)
+                block.groups = infer_groups(block.index, block.module, local, run.streams.inputs[0], run.device)
     if run.streams.dense is not None:
         run.bar.set_postfix(stage="dense stream")
         with run.report.stage("propagate"):
@@ -331,7 +353,8 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
         return
     # the compressed stream runs through the block once per batch, paused at each group's input (no replays)
     local = {block.local(n): m for n, m in block.linears.items()}
-    with PausedForwards(block.module, run.streams.inputs, run.streams.compressed, run.device, local) as forwards:
+    with PausedForwards(block.index, block.module, run.streams.inputs, run.streams.compressed, run.device,
+                        local) as forwards:
         run.report.modules += _compress_block(run, block, forwards)
         with _stage(run.report, "broadcast", distributed.active()):
             distributed.broadcast_module(block.module)  # every rank keeps rank 0's layers, bit for bit
@@ -408,7 +431,7 @@ def _dense_pass(blocks: nn.ModuleList, targets: list[dict[str, nn.Module]], stre
             outputs = []
             for inputs, h in zip(streams.inputs, hidden):
                 with record_inputs(linears) as seen:
-                    outputs.append(_checked(inputs.call(block, h, device), index).to("cpu", h.dtype))
+                    outputs.append(_checked(inputs.call(index, block, h, device), index).to("cpu", h.dtype))
                 for name, x in seen.items():
                     grams[name] = solver.add_gram(grams.get(name), x)
             hidden = outputs
@@ -427,14 +450,14 @@ def _owl_scales(config: CompressionConfig, blocks: nn.ModuleList, targets: list[
             norms = {name: 0.0 for name in linears}
             for inputs, h in zip(streams.inputs, hidden):
                 for name, module in linears.items():
-                    x = layer_inputs(block, module, inputs, h, device).double()
+                    x = layer_inputs(index, block, module, inputs, h, device).double()
                     norms[name] = norms[name] + x.square().sum(0)
             for name in linears:
                 distributed.all_reduce_sum(norms[name])
             weights = [linear_weight(m) for m in linears.values()]
             ratios.append(outlier_ratio(weights, [norms[n].sqrt() for n in linears], config.owl_threshold))
             params.append(sum(w.numel() for w in weights))
-            hidden = [_checked(i.call(block, h, device), index).to("cpu", h.dtype)
+            hidden = [_checked(i.call(index, block, h, device), index).to("cpu", h.dtype)
                       for i, h in zip(streams.inputs, hidden)]
     block_density = owl_block_densities(ratios, params, config.density, config.owl_lambda)
     logger.info("OWL outlier ratios %s -> block densities %s", ratios, block_density)
@@ -565,6 +588,6 @@ def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.M
     logits = getattr(model(input_ids=subset.to(device)), "logits", None) if head is not None else None
     if logits is None:
         raise ValueError("allocation 'sensitivity' measures next-token distributions: it needs a causal LM")
-    inputs = capture_first_block(model, blocks[0], [subset], device)
+    inputs = capture_block_inputs(model, blocks, [subset], device)
     return SensitivityProbe(blocks, inputs, output_head(model, streams.prefix), [logits], device, cache=cache,
                             calibration=batches)

@@ -181,7 +181,7 @@ class SensitivityProbe:
     def __init__(self, blocks: nn.ModuleList, subset: list[BlockInputs], head: OutputHead,
                  logits: list[torch.Tensor], device: torch.device, vocab: int | None = None,
                  cache: SensitivityCache | None = None, calibration: list[torch.Tensor] = ()) -> None:
-        """``subset``: block-0 inputs of the measurement batches; ``logits``: the dense model's on them.
+        """``subset``: every block's inputs for the measurement batches; ``logits``: the dense model's on them.
 
         The output head dominates the cost of a measurement for small models with large
         vocabularies, so the KL is measured between the next-token distributions conditioned on
@@ -202,8 +202,9 @@ class SensitivityProbe:
         self.cache.start(digest.hexdigest())
         self.blocks, self.subset, self.head, self.device = blocks, subset, head, device
         self.hidden = [[i.hidden for i in subset]]
-        for block in blocks:
-            self.hidden.append([i.call(block, h, device).to("cpu", h.dtype) for i, h in zip(subset, self.hidden[-1])])
+        for index, block in enumerate(blocks):
+            self.hidden.append([i.call(index, block, h, device).to("cpu", h.dtype)
+                                for i, h in zip(subset, self.hidden[-1])])
         self.passes = len(blocks) + 1
         for mine, reference in zip(self.hidden[-1], logits):
             ours = head(mine.to(device)).float()
@@ -224,8 +225,8 @@ class SensitivityProbe:
 
     def _measure(self, first: int) -> float:
         states = self.hidden[first]
-        for block in self.blocks[first:]:
-            states = [i.call(block, h, self.device) for i, h in zip(self.subset, states)]
+        for index in range(first, len(self.blocks)):
+            states = [i.call(index, self.blocks[index], h, self.device) for i, h in zip(self.subset, states)]
         self.passes += len(self.blocks) - first + 1
         return sum(_kl(d.to(h.device), self.head(h)) for d, h in zip(self.dense_logp, states)) / len(states)
 
