@@ -144,16 +144,22 @@ class OutputHead:
     """From the last block's output to the logits: the final norm (and output projection, when
     there is one), then the output embeddings; ``restrict`` keeps a subset of the vocabulary."""
 
-    def __init__(self, steps: list[nn.Module], lm_head: nn.Module) -> None:
+    def __init__(self, steps: list[nn.Module], lm_head: nn.Module, scale: float = 1.0,
+                 softcap: float | None = None) -> None:
         self.steps, self.lm_head, self.tokens = steps, lm_head, None
+        self.scale, self.softcap = scale, softcap  # logits * scale, then cap * tanh(logits / cap)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
             hidden = step(hidden)
         if self.tokens is None:
-            return self.lm_head(hidden)
-        bias = None if getattr(self.lm_head, "bias", None) is None else self.lm_head.bias[self.tokens]
-        return nn.functional.linear(hidden, self.weight, bias)
+            logits = self.lm_head(hidden)
+        else:
+            bias = None if getattr(self.lm_head, "bias", None) is None else self.lm_head.bias[self.tokens]
+            logits = nn.functional.linear(hidden, self.weight, bias)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def restrict(self, tokens: torch.Tensor | None) -> None:
         """Logits of ``tokens`` only (None: the whole vocabulary); needs a linear output head."""
@@ -172,7 +178,11 @@ def output_head(model: nn.Module, blocks_name: str) -> OutputHead:
     if lm_head is None:
         raise ValueError("allocation 'sensitivity' measures next-token distributions: it needs a causal LM "
                          "with an output head")
-    return OutputHead(steps, lm_head)
+    config = getattr(model, "config", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)  # Granite
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 and 3
+    return OutputHead(steps, lm_head, scale, float(softcap) if softcap else None)
 
 
 class SensitivityProbe:
