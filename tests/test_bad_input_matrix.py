@@ -1,6 +1,7 @@
 """Bad input everywhere: one line naming the problem, exit code 2, no traceback, nothing written."""
 
 import json
+import os
 
 import pytest
 
@@ -43,6 +44,14 @@ def _damage(root, dense, case):
         weights.write_bytes(weights.read_bytes()[:200])
     if case == "existing-output":
         out.mkdir()
+    if case.startswith("lock-"):  # somebody's file where the lock goes: refused, neither it nor a link target touched
+        (root / "notes.txt").write_text("my notes, not a pid\n")
+        lock = root / "out.pifa-lock"
+        {"lock-is-symbolic-link": lambda: lock.symlink_to("notes.txt"),
+         "lock-is-dangling-link": lambda: lock.symlink_to(root / "missing.txt"),
+         "lock-is-hard-link": lambda: os.link(root / "notes.txt", lock),
+         "lock-is-someones-file": lambda: lock.write_text("12 monkeys\n"),
+         "lock-is-folder": lock.mkdir}[case]()
     return {
         "missing-model": compress_argv(root / "nope", out),
         "truncated-dense-weights": compress_argv(dense, out),
@@ -57,6 +66,7 @@ def _damage(root, dense, case):
         "contradicting-pattern": compress_argv(dense, out, "--method", "wanda", "--pattern", "2:4", "--density", "0.7"),
         "seq-len-beyond-model": compress_argv(dense, out, "--seq-len", "4096"),
         "existing-output": compress_argv(dense, out),
+        **{case: compress_argv(dense, out) for case in LOCK_CASES},
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
         "eval-seq-len-beyond-model": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "4096"],
         "eval-seq-len-beyond-text": ["eval", str(dense), "--ppl", str(root / "short.txt"), "--seq-len", "32"],
@@ -67,7 +77,16 @@ def _damage(root, dense, case):
     }[case]
 
 
+LOCK_CASES = {
+    "lock-is-symbolic-link": "is a symbolic link (to 'notes.txt'), not a lock file of pifa",
+    "lock-is-dangling-link": "is a symbolic link",
+    "lock-is-hard-link": "is one of 2 hard links to the same file",
+    "lock-is-someones-file": "holds other data than a pid",
+    "lock-is-folder": "is not a regular file",
+}
+
 CASES = {
+    **LOCK_CASES,
     "missing-model": "does not exist",
     "truncated-dense-weights": "model.safetensors",
     "unsupported-architecture": "no-such-model",
@@ -91,14 +110,32 @@ CASES = {
 }
 
 
+def _snapshot(root):
+    """Every file, folder and link under ``root`` with its bytes (a link by its target, never followed)."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            key = os.path.relpath(path, root)
+            if os.path.islink(path):
+                seen[key] = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                seen[key] = ("folder", None)
+            else:
+                with open(path, "rb") as f:
+                    seen[key] = ("file", f.read())
+    return seen
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(env, case, capsys):
     root, dense = env
     argv = _damage(root, dense, case)
-    before = sorted(p.name for p in root.iterdir())
+    before, contents = sorted(p.name for p in root.iterdir()), _snapshot(root)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and CASES[case] in err[-1], err
     assert err[-1].startswith("pifa ") and ": error: " in err[-1]
     assert not any("Traceback" in line for line in err)
     assert sorted(p.name for p in root.iterdir()) == before, "partial output left behind"
+    assert _snapshot(root) == contents, "an input or a file beside the output was changed"

@@ -5,6 +5,8 @@ time (an exclusive lock), and nothing left behind by a failed run (parent folder
 from __future__ import annotations
 
 import os
+import re
+import stat
 import sysconfig
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +21,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are n
 
 LOCK_SUFFIX = ".pifa-lock"
 CHECKPOINT_SUFFIX = ".pifa-checkpoint"
+LOCK_MAX_BYTES = 24
+LOCK_CONTENT = re.compile(rb"[0-9]{1,20}\n?|")  # what pifa writes there: its pid, or nothing yet
 
 
 def companion(out: str | os.PathLike, suffix: str) -> Path:
@@ -92,7 +96,9 @@ class OutputLock:
     The lock file ``OUT.pifa-lock`` beside the output holds the holder's pid. A second run on the same
     output fails at once, naming that pid. On exit (also on errors) the lock file is removed and, after a
     failure, so are the parent folders this run created (when empty). The kernel drops the lock of a
-    killed process; its stale lock file is simply taken over by the next run.
+    killed process; its stale lock file is simply taken over by the next run. Anything else at the lock path
+    (a symbolic link, a hard link, a folder, a file holding other data than a pid) is refused in one line,
+    untouched, and so is the file a link points to: the lock is opened with ``O_NOFOLLOW``.
     """
 
     def __init__(self, out: str | os.PathLike) -> None:
@@ -120,7 +126,7 @@ class OutputLock:
         if fcntl is None:  # pragma: no cover
             return None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -129,14 +135,69 @@ class OutputLock:
                 raise ValueError(f"output {str(self.out)!r} is in use by another pifa run (pid {holder}, lock file "
                                  f"{str(self.path)!r}); wait for it to finish") from None
             try:  # the holder removes the file before unlocking: a lock on a removed file is no lock
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                current = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 current = False
             if current:
+                try:
+                    self._check_ours(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
                 return fd
             os.close(fd)
+
+    def _open(self) -> int:
+        """The lock file, created new or (a killed run's) reopened, never through a link nor any other kind of file.
+
+        ``O_NOFOLLOW``: a symbolic link at the lock path is refused, its target never opened; what is opened
+        must be the regular file (one link to it) that ``lstat`` saw, so no other file is ever truncated.
+        """
+        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            try:
+                return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            try:
+                seen = os.lstat(self.path)
+            except FileNotFoundError:  # removed in between by the run that held it: create it again
+                continue
+            self._check_kind(seen)
+            try:
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if os.path.islink(self.path):  # ELOOP: it became a link since lstat
+                    self._check_kind(os.lstat(self.path))
+                raise writing_error(self.path, exc) from None
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino):  # replaced since lstat: look again
+                os.close(fd)
+                continue
+            return fd
+
+    def _refuse(self, what: str) -> ValueError:
+        return ValueError(f"lock file {str(self.path)!r} {what}, not a lock file of pifa; pifa writes neither into "
+                          "it nor through it: move it away")
+
+    def _check_kind(self, status: os.stat_result) -> None:
+        if stat.S_ISLNK(status.st_mode):
+            raise self._refuse(f"is a symbolic link (to {os.readlink(self.path)!r})")
+        if not stat.S_ISREG(status.st_mode):
+            raise self._refuse("is not a regular file")
+        if status.st_nlink != 1:
+            raise self._refuse(f"is one of {status.st_nlink} hard links to the same file")
+
+    def _check_ours(self, fd: int) -> None:
+        """A file left by pifa holds nothing or one pid (a killed run's); anything else is someone's data."""
+        self._check_kind(os.fstat(fd))
+        content = os.pread(fd, LOCK_MAX_BYTES + 1, 0)
+        if not LOCK_CONTENT.fullmatch(content):
+            raise self._refuse("holds other data than a pid")
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
