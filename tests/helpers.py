@@ -35,6 +35,10 @@ TINY_CONFIGS = {
 MATRIX_CONFIGS = {
     **TINY_CONFIGS,
     "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=8),
+    # blocks with their own inputs: a sliding-window layer (window shorter than the calibration) and a
+    # full-attention layer, each with its own rotary embeddings
+    "gemma3-mixed": lambda: transformers.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4,
+                                                          layer_types=["sliding_attention", "full_attention"]),
     "phi3": lambda: transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,

@@ -71,6 +71,15 @@ def test_two_processes_equal_one(runs, tmp_path, stream):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no checkpoint or lock left
 
 
+def test_two_processes_equal_one_on_mixed_attention(tmp_path):
+    """Each rank captures its own batches' per-block inputs (sliding and full attention) and passes the guard."""
+    dense = make_dense_dir(tmp_path, "gemma3-mixed")
+    one = single(*compress_argv(dense, tmp_path / "one", *ARGS))
+    two = torchrun(*compress_argv(dense, tmp_path / "two", *ARGS))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
+    assert _max_relative_difference(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
 def test_world_size_larger_than_batches(runs, tmp_path):
     dense, _ = runs
     result = torchrun(*compress_argv(dense, tmp_path / "out", "--batch-size", "4"))  # 4 samples: one batch
