@@ -181,3 +181,39 @@ def spectrum_ranks(
         ranks.update(lagrangian_ranks(layers, budget, multiple_of))
     scores = {name: float(discarded_energy(spectra[name])[ranks[name]]) for name in shapes}
     return {name: ranks[name] for name in shapes}, scores
+
+
+def cap_to_break_even(ranks: dict[str, int], shapes: dict[str, Shape], ceilings: dict[str, int],
+                      densities: dict[str, float], pools: dict[str, str]) -> dict[str, int]:
+    """PIFA ranks none of which decodes slower than its dense layer (``ceilings``: each linear's break-even
+    rank, see :mod:`pifa.latency`; full rank means the linear stays dense). A rank above its ceiling drops to
+    it (to full rank when no rank is faster than dense); the parameters this frees then make capped linears
+    dense again, the cheapest first, while their pool's budget sum(density m n) allows."""
+    capped = dict(ranks)
+    for name, rank in ranks.items():
+        full = min(shapes[name])
+        if ceilings[name] < rank < full:
+            capped[name] = ceilings[name] if ceilings[name] >= 1 else full
+    for pool in sorted(set(pools.values())):
+        members = sorted(name for name in ranks if pools[name] == pool)
+        budget = sum(densities[name] * shapes[name][0] * shapes[name][1] for name in members)
+        spent = sum(layer_parameters(*shapes[name], capped[name], "pifa") for name in members)
+
+        def extra(name: str) -> int:
+            m, n = shapes[name]
+            return m * n - layer_parameters(m, n, capped[name], "pifa")
+
+        if spent > budget:
+            raise ValueError(out_of_reach(sum(ceilings[n] < 1 for n in members), len(members)))
+        for name in sorted((n for n in members if capped[n] < ranks[n]), key=lambda n: (extra(n), n)):
+            if spent + extra(name) <= budget:
+                spent += extra(name)
+                capped[name] = min(shapes[name])
+    return capped
+
+
+def out_of_reach(dense: int, total: int) -> str:
+    """The refusal of a density that only layers slower than their dense form could reach."""
+    return (f"the density is out of reach with no linear slower than its dense form: {dense} of {total} linears "
+            "have no PIFA rank that decodes faster than dense on this machine and stay dense; ask for a higher "
+            "density")

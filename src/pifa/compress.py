@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import distributed, solver, sparse
 from .budget import (
     allocate_ranks,
+    cap_to_break_even,
     layer_parameters,
     outlier_ratio,
     owl_block_densities,
@@ -42,6 +43,7 @@ from .capture import (
 from .checkpoint import Checkpoint
 from .config import CompressionConfig
 from .faults import crash_point
+from .latency import LatencyTable, load_or_measure, predicted_speedup
 from .layers import build_layer
 from .model import (
     find_blocks,
@@ -52,6 +54,7 @@ from .model import (
     on_device,
     set_module,
     target_linears,
+    write_weight,
 )
 from .report import CompressionReport, ModuleReport
 from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityCache, SensitivityProbe, output_head
@@ -68,6 +71,8 @@ class Plan:
     densities: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # what chose each rank (spectrum: discarded energy)
     cost: dict[str, float] = field(default_factory=dict)  # what a measured allocation cost (seconds, passes)
+    speedup: dict[str, float] = field(default_factory=dict)  # with a latency table: predicted, decode / prefill
+    density: float | None = None  # the density planned for (a speedup target chooses it)
 
 
 class InMemory:
@@ -254,6 +259,7 @@ def compress(
         with report.stage("allocate"):  # all the batches: every rank measures the same sensitivity subset
             plan = _plan(config, blocks, targets, streams, device, model, batches, sensitivity_cache)
         report.allocation_cost = plan.cost
+        report.predicted_speedup = plan.speedup
         bar = tqdm(list(enumerate(blocks)), desc="pifa compress", unit="block", disable=not progress)
         run = _Run(config, plan, streams, device, report, bar)
         for index, module in bar:
@@ -374,35 +380,104 @@ def _plan(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[s
     shapes = {name: linear_shape(m) for t in targets for name, m in t.items()}
     if config.nm is not None:
         return Plan(densities={name: config.density for name in shapes})
-    densities = split_densities(shapes, {n: is_attention(n) for n in shapes}, config.density, config.attn_density)
-    if config.allocation == "owl":
-        scale = _owl_scales(config, blocks, targets, streams, device)
-        densities = {name: min(1.0, d * scale[name]) for name, d in densities.items()}
+    attention = {n: is_attention(n) for n in shapes}
+    scale = _owl_scales(config, blocks, targets, streams, device) if config.allocation == "owl" else None
+
+    def densities_at(density: float) -> dict[str, float]:
+        split = split_densities(shapes, attention, density, config.attn_density)
+        return split if scale is None else {name: min(1.0, d * scale[name]) for name, d in split.items()}
+
     if not config.spec.low_rank:
-        return Plan(densities=densities)
+        return Plan(densities=densities_at(config.density))
     pools = {n: ("attention" if is_attention(n) else "mlp") if config.attn_density is not None else "all"
              for n in shapes}
+    table, ceilings = _latency(config, shapes, targets, device)
+    cost: dict[str, float] = {}
     if config.allocation == "spectrum":
         spectra = _dense_spectra(config, blocks, targets, streams, device)
-        ranks, scores = spectrum_ranks(shapes, spectra, densities, config.layer_kind, config.rank_multiple_of,
-                                       pools=pools)
-        return Plan(ranks=ranks, scores=scores)
-    if config.allocation == "sensitivity":
+
+        def choose(densities: dict[str, float]) -> tuple[dict[str, int], dict[str, float]]:
+            return spectrum_ranks(shapes, spectra, densities, config.layer_kind, config.rank_multiple_of, pools=pools)
+    elif config.allocation == "sensitivity":
         probe = _sensitivity_probe(config, model, blocks, streams, device, batches, sensitivity_cache)
+        densities = densities_at(config.density)
 
         def visit(index: int, linears: dict[str, nn.Module], grams: dict[str, torch.Tensor]) -> None:
             probe.measure_block(index, linears, grams, shapes, densities, config.layer_kind, config.spec.whiten,
                                 config.damping, config.rank_multiple_of)
 
         _dense_pass(blocks, targets, streams, device, visit)
-        ranks, scores, cost = probe.choose(shapes, densities, pools, config.rank_multiple_of)
+
+        def choose(densities: dict[str, float]) -> tuple[dict[str, int], dict[str, float]]:
+            return probe.choose(shapes, densities, pools, config.rank_multiple_of, ceilings)[:2]
+        measured = probe.choose(shapes, densities, pools, config.rank_multiple_of, ceilings)[2]
+        cost = {"seconds": measured.seconds, "forward_passes": measured.forward_passes,
+                "reused_measurements": measured.reused}
         logger.info("sensitivity allocation: %.1f s, %d block forward passes, %d measurements reused (KL over the "
-                    "%s, %.1f %% of the dense probability)", cost.seconds, cost.forward_passes, cost.reused,
-                    "whole vocabulary" if probe.coverage == 1.0 else f"{MEASURE_VOCAB} most probable tokens",
-                    100 * probe.coverage)
-        return Plan(ranks=ranks, scores=scores, cost={"seconds": cost.seconds, "forward_passes": cost.forward_passes,
-                                                      "reused_measurements": cost.reused})
-    return Plan(ranks=allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of))
+                    "%s, %.1f %% of the dense probability)", measured.seconds, measured.forward_passes,
+                    measured.reused, "whole vocabulary" if probe.coverage == 1.0 else
+                    f"{MEASURE_VOCAB} most probable tokens", 100 * probe.coverage)
+    else:
+        def choose(densities: dict[str, float]) -> tuple[dict[str, int], dict[str, float]]:
+            return allocate_ranks(shapes, densities, config.layer_kind, config.rank_multiple_of), {}
+
+    def ranks_at(density: float) -> tuple[dict[str, int], dict[str, float]]:
+        densities = densities_at(density)
+        ranks, scores = choose(densities)
+        return (ranks if ceilings is None else cap_to_break_even(ranks, shapes, ceilings, densities, pools)), scores
+
+    density = config.density if config.speedup is None else _density_for_speedup(config, table, shapes, ranks_at)
+    ranks, scores = ranks_at(density)
+    return Plan(ranks=ranks, scores=scores, cost=cost,
+                speedup=_predicted(table, shapes, ranks) if table is not None else {},
+                density=density)
+
+
+def _latency(config: CompressionConfig, shapes: dict[str, tuple[int, int]], targets: list[dict[str, nn.Module]],
+             device: torch.device) -> tuple[LatencyTable | None, dict[str, int] | None]:
+    """With ``config.latency_table``: the table (measured here when the file lacks these shapes) and every
+    linear's break-even rank; (None, None) without."""
+    if config.latency_table is None:
+        return None, None
+    dtype = next(linear_weight(m).dtype for t in targets for m in t.values())
+    if distributed.active():  # ranks timing on their own could plan differently: measure once, beforehand
+        table = load_or_measure(config.latency_table, set(shapes.values()), "pifa", device, dtype, measure=False)
+    else:
+        table = load_or_measure(config.latency_table, set(shapes.values()), "pifa", device, dtype)
+    return table, {name: table.break_even(m, n, "pifa") for name, (m, n) in shapes.items()}
+
+
+def _predicted(table: LatencyTable, shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> dict[str, float]:
+    """Predicted speed-up of the targeted linears at decode and prefill (full rank: kept dense)."""
+    planned = {name: None if rank >= min(shapes[name]) else rank for name, rank in ranks.items()}
+    return {kind: predicted_speedup(table, shapes, planned, "pifa", prefill=kind == "prefill")
+            for kind in ("decode", "prefill")}
+
+
+def _density_for_speedup(config: CompressionConfig, table: LatencyTable, shapes: dict[str, tuple[int, int]],
+                         ranks_at: Callable[[float], tuple[dict[str, int], dict[str, float]]]) -> float:
+    """The largest density whose plan's predicted decode speed-up of the linears reaches ``config.speedup``
+    (bisection; the speed-up falls as the density grows)."""
+    def reaches(density: float) -> tuple[bool, float]:
+        speed = _predicted(table, shapes, ranks_at(density)[0])["decode"]
+        return speed >= config.speedup, speed
+
+    low, high = 0.05, 1.0
+    while True:  # the lowest density that has a plan (a measured allocation may not reach the smallest)
+        try:
+            ok, best = reaches(low)
+            break
+        except ValueError:
+            if low >= 0.95:
+                raise
+            low += 0.05
+    if not ok:
+        raise ValueError(f"speedup {config.speedup} is out of reach on this machine: the largest predicted decode "
+                         f"speed-up of these linears is {best:.2f}x (at density {low})")
+    for _ in range(20):
+        middle = (low + high) / 2
+        low, high = (middle, high) if reaches(middle)[0] else (low, middle)
+    return low
 
 
 def _dense_spectra(config: CompressionConfig, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]],
@@ -548,15 +623,21 @@ def _solve_linear(run: _Run, block: _Block, local: str, g: torch.Tensor, h: torc
                                                         config.ridge, wh=wh)
             except solver.SingularSystem:
                 logger.warning("%s: singular M system (rank-deficient layer); keeping the whitened truncation", full)
+    m, n = weight.shape
+    if config.layer_kind == "pivot" and rank >= min(m, n):  # full rank: the dense form is as small, and faster
+        with report.stage("error"):
+            error = solver.lowrank_error(weight, up, down, g, energy, down_g)
+        write_weight(module, (up @ down).to(weight.dtype))
+        return ModuleReport(full, "dense", m, n, rank, m * n, m * n, error, run.plan.scores.get(full))
     bias = None if getattr(module, "bias", None) is None else module.bias.detach()
     with report.stage("pifa" if config.layer_kind == "pivot" else "swap"):
         layer = build_layer(config.layer_kind, up, down, bias, weight.dtype, config.pivot_method).to(weight.device)
     set_module(block.module, local, layer)
-    m, n = weight.shape
     with report.stage("error"):
         error = solver.lowrank_error(weight, up, down, g, energy, down_g)
     return ModuleReport(full, config.layer_kind, m, n, rank, m * n, layer_parameters(m, n, rank, config.layer_kind),
                         error, run.plan.scores.get(full))
+
 
 
 def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> ModuleReport:
@@ -567,8 +648,7 @@ def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> Modu
     with run.report.stage("prune"):
         pruned = sparse.prune(config.spec.sparse_rule, weight, g.to(weight.device), run.plan.densities[full],
                               config.nm)
-    with torch.no_grad():
-        module.weight.copy_(pruned if isinstance(module, nn.Linear) else pruned.T)
+    write_weight(module, pruned)
     m, n = weight.shape
     with run.report.stage("error"):
         error = solver.output_error(weight, pruned, g)

@@ -100,6 +100,12 @@ class CompressionConfig:
     targets: tuple[str, ...] = _field((), "fnmatch patterns of modules to compress (default: all block linears)")
     ignore: tuple[str, ...] = _field(DEFAULT_IGNORE, "fnmatch patterns never compressed")
     pivot_method: str = _field("lu", "PIFA pivoting: lu (fast) or qr (smallest coefficients)")
+    latency_table: str | None = _field(None, "PIFA plans: a latency table file (measured on this machine and cached "
+                                             "there when missing); no linear is planned at a rank whose PIFA form "
+                                             "decodes slower than its dense form: it stays dense instead")
+    speedup: float | None = _field(None, "PIFA plans with a latency table: plan for this predicted decode speed-up "
+                                         "of the targeted linears instead of a density (the largest density that "
+                                         "reaches it)")
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -139,6 +145,17 @@ class CompressionConfig:
             if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or not all(
                     isinstance(p, str) for p in patterns):
                 raise ValueError(f"{name} must be a tuple of fnmatch patterns (strings), got {patterns!r}")
+        if (self.latency_table is not None or self.speedup is not None) and self.layer_kind != "pivot":
+            raise ValueError(f"latency_table and speedup plan PIFA layers: they need method 'mpifa', not "
+                             f"{self.method!r}")
+        if self.speedup is not None:
+            if self.latency_table is None:
+                raise ValueError("speedup needs a latency_table (the measured layer times it plans with)")
+            check_finite_number(self.speedup, "speedup")
+            if not self.speedup > 1:
+                raise ValueError(f"speedup {self.speedup!r} must be > 1")
+        if self.latency_table is not None and (not isinstance(self.latency_table, str) or not self.latency_table):
+            raise ValueError(f"latency_table must be a file path, got {self.latency_table!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"unknown CompressionConfig version {self.version!r} (this pifa reads {CONFIG_VERSION})")
         object.__setattr__(self, "targets", tuple(self.targets))

@@ -150,3 +150,10 @@ def hooks(handles: list) -> Iterator[list]:
         for handle in handles:
             handle.remove()
         handles.clear()
+
+
+def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an (out, in) weight into a targeted linear's own parameter (nn.Linear, or GPT-2's transposed
+    Conv1D), in place."""
+    with torch.no_grad():
+        module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)

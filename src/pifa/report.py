@@ -34,6 +34,7 @@ class CompressionReport:
     calibration_tokens: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     allocation_cost: dict[str, float] = field(default_factory=dict)  # a measured allocation's seconds and passes
+    predicted_speedup: dict[str, float] = field(default_factory=dict)  # latency-table plans: decode, prefill
     replay_difference: float | None = None  # the guard's largest |replay - model's own forward| (see capture)
 
     @contextlib.contextmanager
@@ -77,6 +78,7 @@ class CompressionReport:
             "calibration_tokens": self.calibration_tokens,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             **({"allocation_cost": self.allocation_cost} if self.allocation_cost else {}),
+            **({"predicted_speedup": self.predicted_speedup} if self.predicted_speedup else {}),
             **({"replay_difference": self.replay_difference} if self.replay_difference is not None else {}),
             "modules": [asdict(m) for m in self.modules],
         }

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from . import distributed, solver
-from .budget import layer_parameters, rank_for_density, rank_kind
+from .budget import layer_parameters, out_of_reach, rank_for_density, rank_kind
 from .capture import BlockInputs
-from .model import linear_weight
+from .model import linear_weight, write_weight
 from .rank_search import discretise_costs, knapsack_choice
 
 CANDIDATE_DENSITIES = (0.2, 0.35, 0.5, 0.65, 0.8)  # plus each linear's uniform density, its half, and full rank
@@ -126,12 +126,6 @@ class SensitivityCache:
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write ``weight`` (out, in) into an nn.Linear or a transposed Conv1D."""
-    with torch.no_grad():
-        module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
 
 
 def _kl(dense_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -261,7 +255,7 @@ class SensitivityProbe:
                 up, down, _ = solver.truncate(weight, chol, top)
                 try:
                     for rank in missing:
-                        _set_weight(module, (up[:, :rank] @ down[:rank]).to(weight.dtype))
+                        write_weight(module, (up[:, :rank] @ down[:rank]).to(weight.dtype))
                         measured[rank] = self.cache.kl[(name, rkind, whiten, damping, rank)] = self._measure(index)
                 finally:
                     with torch.no_grad():
@@ -271,10 +265,18 @@ class SensitivityProbe:
             self.options[name] = rows
 
     def choose(self, shapes: dict[str, tuple[int, int]], densities: dict[str, float], pools: dict[str, str],
-               multiple_of: int = 1) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
+               multiple_of: int = 1, ceilings: dict[str, int] | None = None,
+               ) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
         """One rank per linear minimising the summed KL within each pool's budget (see :func:`choose_ranks`)."""
-        ranks, scores = choose_ranks(self.options, shapes, densities, pools, self.kind, multiple_of)
+        ranks, scores = choose_ranks(self.options, shapes, densities, pools, self.kind, multiple_of, ceilings)
         return ranks, scores, SensitivityCost(time.perf_counter() - self.start, self.passes, self.reused)
+
+
+def _below(curve: tuple[np.ndarray, np.ndarray], ceiling: int, full: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part of a rank curve at or below ``ceiling``, and full rank."""
+    ranks, kl = curve
+    keep = (ranks <= ceiling) | (ranks == full)
+    return ranks[keep], kl[keep]
 
 
 def _curve(rows: list[tuple[int, int, float]], multiple_of: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +292,7 @@ def _curve(rows: list[tuple[int, int, float]], multiple_of: int) -> tuple[np.nda
 
 def choose_ranks(options: dict[str, list[tuple[int, int, float]]], shapes: dict[str, tuple[int, int]],
                  densities: dict[str, float], pools: dict[str, str], kind: str, multiple_of: int = 1,
-                 ) -> tuple[dict[str, int], dict[str, float]]:
+                 ceilings: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, float]]:
     """Ranks minimising the summed KL within each pool's budget sum(density m n), and the KL of each.
 
     ``options[name]``: (rank, parameters, KL) measured at ascending ranks. Between measured ranks
@@ -299,9 +301,12 @@ def choose_ranks(options: dict[str, list[tuple[int, int, float]]], shapes: dict[
     never over the budget) picks among the measured ranks and ``GRID`` evenly spaced ones per
     linear; a greedy fill then spends what the rounding left, one rank step at a time, best KL
     drop per parameter first. With an integer budget below ``BINS`` parameters and at most
-    ``GRID`` ranks per linear the knapsack is exact over every allowed rank.
+    ``GRID`` ranks per linear the knapsack is exact over every allowed rank. With ``ceilings`` (each linear's
+    break-even rank, see :mod:`pifa.latency`) the allowed ranks are those up to it, and full rank (dense).
     """
     curves = {name: _curve(rows, multiple_of) for name, rows in options.items()}
+    if ceilings is not None:
+        curves = {name: _below(curve, ceilings[name], min(shapes[name])) for name, curve in curves.items()}
     chosen: dict[str, int] = {}
     for pool in sorted(set(pools[name] for name in options)):
         members = [name for name in options if pools[name] == pool]
@@ -310,11 +315,17 @@ def choose_ranks(options: dict[str, list[tuple[int, int, float]]], shapes: dict[
         for name in members:
             ranks, _ = curves[name]
             grid = ranks[np.unique(np.linspace(0, len(ranks) - 1, GRID).round().astype(np.int64))]
-            picks.append(np.union1d(grid, [r for r, _, _ in options[name]]))
+            pick = np.union1d(grid, [r for r, _, _ in options[name]])
+            picks.append(pick[np.isin(pick, ranks)])
         costs = [[layer_parameters(*shapes[name], int(r), kind) for r in pick] for name, pick in zip(members, picks)]
         units, bins = discretise_costs(costs, budget, min(BINS, max(1, math.floor(budget))))
         scores = [np.interp(pick, *curves[name]) for name, pick in zip(members, picks)]
-        choice = knapsack_choice([list(zip(u, s.tolist())) for u, s in zip(units, scores)], bins)
+        try:
+            choice = knapsack_choice([list(zip(u, s.tolist())) for u, s in zip(units, scores)], bins)
+        except ValueError:
+            if ceilings is None:
+                raise
+            raise ValueError(out_of_reach(sum(len(pick) == 1 for pick in picks), len(members))) from None
         start = {name: int(pick[j]) for name, pick, j in zip(members, picks, choice)}
         chosen.update(_fill(start, {name: curves[name] for name in members}, shapes, kind, budget))
     return chosen, {name: float(np.interp(rank, *curves[name])) for name, rank in chosen.items()}

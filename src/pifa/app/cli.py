@@ -33,7 +33,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(field.default, tuple):
             parser.add_argument(flag, nargs="*", default=list(field.default), metavar="PATTERN", help=help_text)
         else:
-            kind = float if field.default is None else type(field.default)
+            kind = type(field.default) if field.default is not None else (
+                str if str(field.type).startswith("str") else float)
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
 
 

@@ -177,7 +177,13 @@ def _print_plan(model: Any, config: CompressionConfig, calib: torch.Tensor, devi
     before, after = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
     print(format_table(rows))
     print(f"\nplan ({config.method}, allocation {config.allocation}): {len(rows)} linears, {after:,} of "
-          f"{before:,} weights kept, density {after / before:.4f} (target {config.density}); nothing written")
+          f"{before:,} weights kept, density {after / before:.4f} (target {chosen.density or config.density}); "
+          "nothing written")
+    if chosen.speedup:
+        dense = sum(1 for r in rows if r["density"] == 1.0)
+        print(f"predicted speed-up of these linears (latency table {config.latency_table}): decode "
+              f"{chosen.speedup['decode']:.2f}x, prefill {chosen.speedup['prefill']:.2f}x; {dense} linears stay dense "
+              "(no PIFA rank of theirs is faster)")
     return 0
 
 

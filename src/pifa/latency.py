@@ -1,0 +1,225 @@
+"""Measured layer latency, for plans that never make a layer slower than the dense one it replaces.
+
+A :class:`LatencyTable` holds, for each linear shape (out, in) of a model, the time of the dense layer and of
+its factored forms (PIFA, low-rank) at a grid of ranks, at decode (one token) and at prefill (``PREFILL``
+tokens), measured on one device, dtype and thread count (its ``key``). From it come each shape's
+**break-even rank** (the largest rank whose factored form decodes no slower than the dense layer) and the
+predicted speed-up of a plan. Tables are cached in a JSON file (:func:`load_or_measure`); a table measured
+elsewhere (another device, dtype, thread count or torch) is never used silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .budget import rank_kind
+from .layers import LowRankLinear, PivotLinear
+
+FORMAT = "pifa-latency-table"
+VERSION = 1
+PREFILL = 128  # tokens of the prefill measurement
+GRID = 12  # ranks measured per shape and kind, evenly spaced up to full rank
+ROUNDS = 7  # interleaved timing rounds; the median is kept
+
+
+def device_key(device: torch.device | str, dtype: torch.dtype) -> dict[str, str | int]:
+    """What a latency table is valid for: where and how it was measured."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": f"{device.type}:{name}", "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _shape_key(m: int, n: int) -> str:
+    return f"{m}x{n}"
+
+
+@dataclass
+class LatencyTable:
+    """Seconds per call: ``dense[shape] = (decode, prefill)``, ``factored[kind][shape] = [(rank, decode,
+    prefill), ...]`` at ascending ranks."""
+
+    key: dict[str, str | int]
+    dense: dict[str, tuple[float, float]] = field(default_factory=dict)
+    factored: dict[str, dict[str, list[tuple[int, float, float]]]] = field(default_factory=dict)
+
+    def covers(self, shapes: set[tuple[int, int]], kind: str) -> bool:
+        rows = self.factored.get(rank_kind(kind), {})
+        return all(_shape_key(m, n) in self.dense and _shape_key(m, n) in rows for m, n in shapes)
+
+    def time(self, m: int, n: int, kind: str, rank: int | None, prefill: bool = False) -> float:
+        """Seconds per call of an (m, n) linear: dense when ``rank`` is None, else its factored form at ``rank``
+        (interpolated linearly between measured ranks)."""
+        column = 1 if prefill else 0
+        if rank is None:
+            return self.dense[_shape_key(m, n)][column]
+        rows = self.factored[rank_kind(kind)][_shape_key(m, n)]
+        points = [(row[0], row[1 + column]) for row in rows]
+        if rank <= points[0][0]:
+            return points[0][1]
+        for (r0, t0), (r1, t1) in zip(points, points[1:]):
+            if rank <= r1:
+                return t0 + (t1 - t0) * (rank - r0) / (r1 - r0)
+        return points[-1][1]
+
+    def break_even(self, m: int, n: int, kind: str) -> int:
+        """The largest rank whose factored (m, n) layer decodes no slower than the dense one (0: none)."""
+        dense = self.time(m, n, kind, None)
+        best = 0
+        for rank in range(1, min(m, n) + 1):
+            if self.time(m, n, kind, rank) <= dense:
+                best = rank
+            elif best and rank > best * 2:  # past the crossing (the time grows with the rank)
+                break
+        return best
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "key": self.key,
+                "dense": self.dense, "factored": self.factored}
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> LatencyTable:
+        try:
+            if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+                raise ValueError
+            dense = {k: (float(v[0]), float(v[1])) for k, v in data["dense"].items()}
+            factored = {kind: {k: [(int(r), float(d), float(p)) for r, d, p in rows] for k, rows in shapes.items()}
+                        for kind, shapes in data["factored"].items()}
+            if not isinstance(data["key"], dict):
+                raise ValueError
+            return cls(dict(data["key"]), dense, factored)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{source} is not a pifa latency table (format {FORMAT} version {VERSION})") from None
+
+
+def _timed(fn, x: torch.Tensor, reps: int) -> float:  # noqa: ANN001
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) / reps
+
+
+def _factored(kind: str, m: int, n: int, rank: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    up = torch.randn(m, rank, dtype=torch.float64) / rank ** 0.5
+    down = torch.randn(rank, n, dtype=torch.float64) / n ** 0.5
+    layer = PivotLinear.from_factors(up, down) if rank_kind(kind) == "pifa" else LowRankLinear.from_factors(up, down)
+    return layer.to(device=device, dtype=dtype)
+
+
+def measure_table(shapes: set[tuple[int, int]], kinds: tuple[str, ...], device: torch.device | str = "cpu",
+            dtype: torch.dtype = torch.float32, grid: int = GRID, rounds: int = ROUNDS,
+            progress: bool = True) -> LatencyTable:
+    """Time every shape's dense layer and its factored forms at ``grid`` ranks up to full rank, at decode and
+    prefill; each time is the median of ``rounds`` rounds, the forms of a shape interleaved within a round."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    table = LatencyTable(device_key(device, dtype))
+    kinds = tuple(sorted({rank_kind(k) for k in kinds}))
+    with torch.inference_mode():
+        for m, n in tqdm(sorted(shapes), desc="pifa latency", unit="shape", disable=not progress):
+            top = min(m, n)
+            ranks = sorted({max(1, round(top * (i + 1) / grid)) for i in range(grid)})
+            layers: dict[tuple[str, int | None], nn.Module] = {
+                ("dense", None): nn.Linear(n, m, bias=False).to(device=device, dtype=dtype)}
+            layers.update({(kind, r): _factored(kind, m, n, r, device, dtype) for kind in kinds for r in ranks})
+            times: dict[tuple[str, int | None], list[list[float]]] = {k: [[], []] for k in layers}
+            for column, tokens in enumerate((1, PREFILL)):
+                x = torch.randn(tokens, n, device=device, dtype=dtype)
+                reps = max(3, int(2e-3 / max(_timed(layers[("dense", None)], x, 3), 1e-7)))
+                for layer in layers.values():  # warm-up
+                    _timed(layer, x, 2)
+                for _ in range(rounds):
+                    for key, layer in layers.items():
+                        times[key][column].append(_timed(layer, x, reps))
+            median = {key: (statistics.median(d), statistics.median(p)) for key, (d, p) in times.items()}
+            table.dense[_shape_key(m, n)] = median[("dense", None)]
+            for kind in kinds:
+                table.factored.setdefault(kind, {})[_shape_key(m, n)] = [(r, *median[(kind, r)]) for r in ranks]
+    return table
+
+
+def load_or_measure(path: str | os.PathLike, shapes: set[tuple[int, int]], kind: str,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    progress: bool = True, measure: bool = True) -> LatencyTable:
+    """The table cached at ``path`` when it was measured here (same device, dtype, thread count, torch) and
+    covers ``shapes``; otherwise measured now and written there (atomically). A file that is not a latency
+    table, or one measured elsewhere, is refused in one line rather than used or overwritten."""
+    path = Path(path)
+    key = device_key(device, dtype)
+    old: LatencyTable | None = None
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"latency table {path} is not a regular file")
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise ValueError(f"{path} is not a pifa latency table (unreadable JSON)") from None
+        old = LatencyTable.from_dict(data, str(path))
+        if old.key != key:
+            differ = ", ".join(f"{k} {old.key.get(k)!r} here {v!r}" for k, v in key.items() if old.key.get(k) != v)
+            raise ValueError(f"latency table {path} was measured elsewhere ({differ}); give another file to measure "
+                             "this machine")
+        if old.covers(shapes, kind):
+            return old
+    if not measure:
+        raise ValueError(f"latency table {path} does not cover this model's linears; measure it first in one "
+                         "process (a plan with this latency_table measures it)")
+    _check_writable(path)
+    missing = {(m, n) for m, n in shapes if old is None or not old.covers({(m, n)}, kind)}
+    table = measure_table(missing, (kind,), device, dtype, progress=progress)
+    if old is not None:
+        table.dense = {**old.dense, **table.dense}
+        for k, rows in old.factored.items():
+            table.factored[k] = {**rows, **table.factored.get(k, {})}
+    _write(path, table)
+    return table
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write the latency table {path}: {folder} is not a writable folder")
+
+
+def _write(path: Path, table: LatencyTable) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name,
+                                             suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(table.to_dict(), handle, indent=1)
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise ValueError(f"cannot write the latency table {path}: {error.strerror or error}") from None
+
+
+def predicted_speedup(table: LatencyTable, shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None],
+                      kind: str, prefill: bool = False) -> float:
+    """Dense time of the targeted linears over their planned time (``ranks[name]`` None: kept dense)."""
+    dense = sum(table.time(m, n, kind, None, prefill) for m, n in shapes.values())
+    planned = sum(table.time(m, n, kind, ranks.get(name), prefill) for name, (m, n) in shapes.items())
+    return dense / planned
