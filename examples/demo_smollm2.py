@@ -85,7 +85,10 @@ def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--density", type=float, default=0.9)
+    parser.add_argument("--density", type=float, default=0.8)
+    parser.add_argument("--latency-table", default=".cache/latency.json",
+                        help="layer timings of this machine (measured there when missing): no linear is planned at a "
+                             "rank whose PIFA form decodes slower than its dense form; 'none' for a plain plan")
     parser.add_argument("--method", default="mpifa")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -109,7 +112,10 @@ def main() -> None:
     calib = calibration_batches(tokenizer, documents, args.samples, args.seq_len, seed=0)
     model = copy.deepcopy(dense)
     steps.set_description(f"demo: compressing with {args.method} at density {args.density}")
-    config = pifa.CompressionConfig(density=args.density, method=args.method)
+    table = None if args.latency_table == "none" else args.latency_table
+    if table is not None:
+        Path(table).parent.mkdir(parents=True, exist_ok=True)
+    config = pifa.CompressionConfig(density=args.density, method=args.method, latency_table=table)
     report = pifa.compress(model, config, calib, device="cpu")
     steps.update()
     steps.set_description("demo: saving and reloading with transformers")
@@ -137,7 +143,11 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.method} at density {args.density} "
           f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} tokens of {text_label} "
           f"({'as chat replies' if args.calib_format == 'chat' else 'plain text'}), "
-          f"compressed in {report.seconds:.0f} s; perplexity on {first['windows']} evenly spaced "
+          f"compressed in {report.seconds:.0f} s"
+          + (f" (predicted decode speed-up of the block linears {report.predicted_speedup['decode']:.2f}x; "
+             f"{sum(m.kind == 'dense' for m in report.modules)} of {len(report.modules)} stay dense)"
+             if report.predicted_speedup else "")
+          + f"; perplexity on {first['windows']} evenly spaced "
           f"{args.ppl_seq_len}-token test windows (BOS: none); decode: batch 1, 32 tokens, "
           f"{torch.get_num_threads()} threads")
     print(format_table(rows))
@@ -153,6 +163,8 @@ def main() -> None:
         "perplexity": {name: {k: v for k, v in r.items() if k != "model"} for name, r in ppl.items()},
         "rows": rows, "answers": {name: dict(zip(PROMPTS, a)) for name, a in answers.items()},
         "compress_seconds": report.seconds, "date": time.strftime("%Y-%m-%d"),
+        "predicted_speedup": report.predicted_speedup, "replay_difference": report.replay_difference,
+        "dense_linears": [m.name for m in report.modules if m.kind == "dense"],
     }, indent=2) + "\n")
 
 
