@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 
 import pytest
+import torch
 
 from helpers import compress_argv, make_dense_dir, tiny_model
 from pifa import PivotLinear, save_compressed
@@ -44,6 +46,10 @@ def _damage(root, dense, case):
         weights.write_bytes(weights.read_bytes()[:200])
     if case == "existing-output":
         out.mkdir()
+    if case.startswith("weights-"):
+        _damage_weights(dense, case.split("-", 1)[1].rsplit("-", 1)[0])
+    if case.startswith("compressed-"):
+        _damage_compressed(root / "comp", case.removeprefix("compressed-").removesuffix("-eval"))
     if case.startswith("lock-"):  # somebody's file where the lock goes: refused, neither it nor a link target touched
         (root / "notes.txt").write_text("my notes, not a pid\n")
         lock = root / "out.pifa-lock"
@@ -67,6 +73,11 @@ def _damage(root, dense, case):
         "seq-len-beyond-model": compress_argv(dense, out, "--seq-len", "4096"),
         "existing-output": compress_argv(dense, out),
         **{case: compress_argv(dense, out) for case in LOCK_CASES},
+        **{f"weights-{damage}-{path}": argv for damage in WEIGHT_DAMAGE for path, argv in {
+            "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
+            "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
+        **{f"compressed-{damage}-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]
+           for damage in COMPRESSED_DAMAGE},
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
         "eval-seq-len-beyond-model": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "4096"],
         "eval-seq-len-beyond-text": ["eval", str(dense), "--ppl", str(root / "short.txt"), "--seq-len", "32"],
@@ -75,6 +86,61 @@ def _damage(root, dense, case):
         "unknown-format-version": ["info", str(root / "comp")],
         "truncated-compressed-weights": ["info", str(root / "comp")],
     }[case]
+
+
+# Silently random input weights: a tensor missing (from the one file, or from the shard its index names), a header
+# saying I32 for float32 data, a wrong shape. Every input path refuses the same damage, before any work.
+WEIGHT_DAMAGE = {
+    "missing": "lacks weights the model needs: 'model.norm.weight'",
+    "shard-missing": "lacks weights the model needs: 'model.layers.1.self_attn.v_proj.weight'",
+    "int32-header": "stores 'model.layers.0.mlp.up_proj.weight' as I32, but the model holds it as float32",
+    "wrong-shape": "holds weights of the wrong shape: 'model.layers.0.mlp.up_proj.weight' is (3, 3), the model "
+                   "needs (64, 32)",
+}
+# A compressed folder missing or mistyping an *uncompressed* tensor (the compressed ones: test_trust.py).
+COMPRESSED_DAMAGE = {
+    "missing-norm": "lacks weights the model needs: 'model.norm.weight'",
+    "missing-head": "lacks weights the model needs: 'lm_head.weight'",
+    "missing-layer-norm": "lacks weights the model needs: 'model.layers.1.input_layernorm.weight'",
+    "int32-embeddings": "stores 'model.embed_tokens.weight' as I32, but the model holds it as float32",
+    "wrong-shape-norm": "holds weights of the wrong shape: 'model.norm.weight' is (7,), the model needs (32,)",
+}
+
+
+def _damage_weights(dense, damage):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(dense / "model.safetensors")
+    if damage == "missing":
+        del tensors["model.norm.weight"]
+    if damage == "int32-header":  # the same bytes, declared as integers
+        tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].view(torch.int32)
+    if damage == "wrong-shape":
+        tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    if damage != "shard-missing":
+        save_file(tensors, dense / "model.safetensors", metadata={"format": "pt"})
+        return
+    (dense / "model.safetensors").unlink()  # two shards and an index; the second lacks a tensor the index lists
+    names = sorted(tensors)
+    shards = {name: f"model-0000{1 + (i >= 10)}-of-00002.safetensors" for i, name in enumerate(names)}
+    for shard in sorted(set(shards.values())):
+        save_file({name: tensors[name] for name in names if shards[name] == shard
+                   and name != "model.layers.1.self_attn.v_proj.weight"}, dense / shard, metadata={"format": "pt"})
+    (dense / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+
+
+def _damage_compressed(comp, damage):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(comp / "model.safetensors")
+    if damage.startswith("missing-"):
+        del tensors[{"missing-norm": "model.norm.weight", "missing-head": "lm_head.weight",
+                     "missing-layer-norm": "model.layers.1.input_layernorm.weight"}[damage]]
+    if damage == "int32-embeddings":
+        tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].view(torch.int32)
+    if damage == "wrong-shape-norm":
+        tensors["model.norm.weight"] = torch.zeros(7)
+    save_file(tensors, comp / "model.safetensors", metadata={"format": "pt"})
 
 
 LOCK_CASES = {
@@ -87,6 +153,9 @@ LOCK_CASES = {
 
 CASES = {
     **LOCK_CASES,
+    **{f"weights-{damage}-{path}": message for damage, message in WEIGHT_DAMAGE.items()
+       for path in ("compress", "stream", "eval")},
+    **{f"compressed-{damage}-eval": message for damage, message in COMPRESSED_DAMAGE.items()},
     "missing-model": "does not exist",
     "truncated-dense-weights": "model.safetensors",
     "unsupported-architecture": "no-such-model",
@@ -139,3 +208,19 @@ def test_bad_input(env, case, capsys):
     assert not any("Traceback" in line for line in err)
     assert sorted(p.name for p in root.iterdir()) == before, "partial output left behind"
     assert _snapshot(root) == contents, "an input or a file beside the output was changed"
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_compressed"])
+@pytest.mark.parametrize("damage", sorted(COMPRESSED_DAMAGE))
+def test_compressed_folder_missing_or_mistyping_an_uncompressed_tensor_is_refused(env, damage, loader):
+    """``from_pretrained`` after ``import pifa`` and ``load_compressed`` refuse it in one line: never random weights."""
+    import transformers
+
+    from pifa import load_compressed
+
+    root, _ = env
+    _damage_compressed(root / "comp", damage)
+    load = {"from_pretrained": transformers.AutoModelForCausalLM.from_pretrained, "load_compressed": load_compressed}
+    with pytest.raises(ValueError, match=re.escape(COMPRESSED_DAMAGE[damage])) as info:
+        load[loader](root / "comp")
+    assert "\n" not in str(info.value)

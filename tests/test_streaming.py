@@ -79,7 +79,7 @@ def test_streamed_missing_tensor_is_one_line(tmp_path):
     tensors = load_file(tmp_path / "dense" / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "dense" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="lack tensor 'model.layers.1.mlp.up_proj.weight'"):
+    with pytest.raises(ValueError, match="lacks weights the model needs: 'model.layers.1.mlp.up_proj.weight'"):
         compress_streamed(tmp_path / "dense", tmp_path / "out", _configs()["mpifa"], CALIB, progress=False)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no partial folder left

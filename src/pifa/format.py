@@ -268,11 +268,13 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> None:
-    """Compare the weights' headers with the shapes and dtypes ``spec`` implies (reads no tensor data)."""
+def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Compare the weights' headers with the shapes and dtypes ``spec`` implies (reads no tensor data);
+    returns the header (see :func:`read_header`)."""
     header = read_header(weight_files(path))
     check_header(header, spec["modules"])
     check_pruned_header(header, spec.get("pruned", {}))
+    return header
 
 
 def sentinel_tensors(modules: dict[str, dict[str, Any]], dtype: Any) -> dict[str, Any]:

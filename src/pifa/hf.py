@@ -14,8 +14,9 @@ linears for empty :class:`~pifa.PivotLinear` / :class:`~pifa.LowRankLinear` on t
 before transformers loads the safetensors weights, and rebuilds ``PivotLinear``'s derived index
 buffers afterwards. No ``trust_remote_code``, no pickle. Before any weight is read, the checkpoint's
 safetensors headers are checked against the module table (every tensor present, right shape, fitting
-dtype); after loading, every compressed tensor must have come from the checkpoint. Either failure is a
-one-line ``ValueError``: a compressed layer is never left with uninitialised weights.
+dtype) and against the model (no uncompressed tensor of another shape or dtype kind); after loading, every
+tensor, compressed or not, must have come from the checkpoint (transformers' loading report, see
+:mod:`pifa.inputs`). Any failure is a one-line ``ValueError``: no layer is left with uninitialised weights.
 
 transformers has no entry-point discovery for quantizers: :func:`register` adds pifa's, and
 ``import pifa`` calls it (a plain, visible call; importing this module alone changes nothing).
@@ -47,12 +48,14 @@ from .format import (
     read_header,
     sentinel_tensors,
 )
+from .inputs import check_header_fits, check_loading_info
 from .io import replace_with_compressed_layers
 from .layers import PivotLinear, is_compressed
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = f"{HF_CONFIG_NAME} quantization_config"
+_CHECKPOINT = "the pifa checkpoint"
 __all__ = ["PifaHfQuantizer", "PifaQuantizationConfig", "register"]
 
 
@@ -112,22 +115,31 @@ class PifaHfQuantizer(HfQuantizer):
         # and a fitting dtype (transformers would otherwise leave a missing one uninitialised, and
         # cast an integer coeff to garbage).
         modules = self.quantization_config.modules
+        header = None
         if checkpoint_files:
             unsafe = [f for f in checkpoint_files if not str(f).endswith(".safetensors")]
             if unsafe:
                 raise ValueError(f"pifa checkpoints are safetensors only; refusing {Path(unsafe[0]).name!r}")
-            check_header(read_header(checkpoint_files), modules, WEIGHTS_NAME, _SOURCE)
+            header = read_header(checkpoint_files)
+            check_header(header, modules, WEIGHTS_NAME, _SOURCE)
         # The model is on the meta device, built in the load dtype: each compressed layer
         # takes the dtype and device of the linear it replaces.
         self.replaced = replace_with_compressed_layers(model, modules, source=_SOURCE)
+        if header is not None:  # the uncompressed tensors too: their shapes, no integer data read as float weights
+            check_header_fits(header, model, _CHECKPOINT)
         _ignore_sentinels(model, [*modules, *self.replaced])
         _tolerate_compressed_children(model)
+        _record_loading_info(model)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         # transformers 5 sets the loaded tensors directly (no _load_from_state_dict) and leaves
         # the non-persistent buffers uninitialised: rebuild them from the loaded pivot_index.
         _restore_init_weights(model)
+        info = vars(model).pop("_pifa_loading_info", None)
+        vars(model).pop("_adjust_missing_and_unexpected_keys", None)
+        if info is not None:  # every tensor, compressed or not (embeddings, head, norms), came from the checkpoint
+            check_loading_info(info, _CHECKPOINT)
         with torch.no_grad():
             for name, module in model.named_modules():
                 if not isinstance(module, PivotLinear):
@@ -215,6 +227,22 @@ def _ignore_sentinels(model: nn.Module, names: list[str]) -> None:
     """The compressed modules' empty ``weight`` markers are expected in the checkpoint: not reported as unexpected."""
     patterns = {rf"(^|\.){re.escape(name)}\.{SENTINEL}$" for name in names}
     model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
+
+
+def _record_loading_info(model: nn.Module) -> None:
+    """Keep transformers' loading report (missing and mismatched keys, after its own exceptions) on the model for
+    ``_process_model_after_weight_loading``: the quantizer is not handed it, and a tensor missing from the
+    checkpoint would otherwise be filled with random values. transformers calls
+    ``model._adjust_missing_and_unexpected_keys(info)`` once, after loading; this wraps it for that call."""
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is None:  # another transformers: the compressed tensors are still checked (_check_all_loaded)
+        return
+
+    def record(info: Any) -> None:
+        adjust(info)
+        model.__dict__["_pifa_loading_info"] = info
+
+    model.__dict__["_adjust_missing_and_unexpected_keys"] = record
 
 
 def _check_all_loaded(model: nn.Module, replaced: list[str]) -> None:

@@ -42,6 +42,7 @@ from .format import (
     sentinel_tensors,
     weight_files,
 )
+from .inputs import check_model_tensors
 from .layers import LAYER_KINDS, PivotLinear
 from .model import is_linear, linear_shape
 from .validate import parse_device, parse_dtype
@@ -387,7 +388,7 @@ def load_compressed(
     load_device = parse_device(device or "cpu")
     spec = read_pifa_config(path)
     check_no_custom_code(path)
-    check_tensor_shapes(path, spec)
+    header = check_tensor_shapes(path, spec)
     from transformers import AutoConfig
 
     try:
@@ -397,6 +398,9 @@ def load_compressed(
         raise ValueError(f"could not read {HF_CONFIG_NAME} of {str(path)!r}: {first}") from None
     _check_quantization_config(config, spec)
     model = _build_skeleton(config, spec, load_dtype or _resolve_dtype(None, spec))
+    # the uncompressed tensors too (embeddings, head, norms): present, of their shape and dtype kind, before any
+    # tensor data is read
+    check_model_tensors(header, model, f"compressed model {str(path)!r}")
     _materialize(model, load_device)
     missing: set[str] | None = None
     unexpected: set[str] = set()

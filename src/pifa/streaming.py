@@ -30,9 +30,11 @@ from torch import nn
 from . import distributed
 from .config import CompressionConfig
 from .format import INDEX_NAME, check_no_custom_code, compressed_modules, sentinel_tensors, weight_files
+from .inputs import check_model_tensors
 from .io import build_from_config, staged_directory, unique_tensors, write_metadata
 from .model import find_blocks
 from .report import CompressionReport
+from .streams import Residency
 
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
 
@@ -43,6 +45,7 @@ class WeightSource:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}
+        self.header: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
         try:
             files = weight_files(self.folder)
         except ValueError:
@@ -56,6 +59,8 @@ class WeightSource:
                         if key in self.files:
                             raise ValueError(f"tensor {key!r} is in both {self.files[key].name} and {file.name}")
                         self.files[key] = file
+                        piece = handle.get_slice(key)
+                        self.header[key] = (tuple(piece.get_shape()), piece.get_dtype())
             except safetensors.SafetensorError as exc:
                 raise ValueError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
 
@@ -183,16 +188,20 @@ def _state(module: nn.Module, prefix: str, skip: str | None = None) -> dict[str,
     return {f"{prefix}{name}": tensor for name, tensor in unique_tensors(state).items()}
 
 
-class StreamedWeights:
+class StreamedWeights(Residency):
     """The engine's view of a streamed model: blocks resident only while the engine works on them.
 
     Pass it as ``weights=`` to :func:`pifa.compress` or :func:`pifa.compress.plan` with :attr:`model`.
     """
 
+    streamed = True
+
     def __init__(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         self.source = WeightSource(folder)
         self.dtype = dtype or self.source.floating_dtype()
         self.model = skeleton(folder, self.dtype)
+        # every tensor of every block, with its shape and dtype kind, before any block is read or compressed
+        check_model_tensors(self.source.header, self.model, f"model {str(folder)!r}")
         self.blocks_name, self.blocks = find_blocks(self.model)
         self.writer: ShardWriter | None = None
         self.modules: dict[str, dict[str, Any]] = {}

@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from ..inputs import check_loading_info, quiet_load_report
+
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
@@ -171,18 +173,6 @@ def _tokenizer_without_gguf(tokenizer: Any, gguf_file: str | Path) -> Any:
     return tokenizer
 
 
-def _check_complete(info: dict[str, Any], file: Path) -> None:
-    """One-line ``ValueError`` when the GGUF lacks weights the model needs or holds ones of the wrong shape:
-    transformers would otherwise fill them with random values and only log a report."""
-    missing = sorted(info.get("missing_keys") or ())
-    mismatched = sorted(str(entry[0]) if isinstance(entry, (tuple, list)) else str(entry)
-                        for entry in info.get("mismatched_keys") or ())
-    for problem, keys in (("lacks weights the model needs", missing), ("holds weights of the wrong shape", mismatched)):
-        if keys:
-            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            raise ValueError(f"GGUF file {str(file)!r} {problem}: {shown}")
-
-
 @contextlib.contextmanager
 def _memoized_tensor_name_map() -> Iterator[None]:
     """Build gguf's GGUF -> HF tensor-name table once per load instead of once per submodule.
@@ -233,7 +223,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = "auto",
     gguf_config = getattr(transformers, "GgufConfig", None)
     dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
     try:
-        with _memoized_tensor_name_map():
+        with _memoized_tensor_name_map(), quiet_load_report():  # its facts are checked below, in one line
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 str(folder), gguf_file=name, dtype=dtype, trust_remote_code=False, output_loading_info=True, **dense)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name, trust_remote_code=False)
@@ -247,6 +237,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = "auto",
                 f"({str(file)!r}): {message}") from None
         raise ValueError(f"could not load GGUF file {str(file)!r} (architecture {architecture!r}; truncated or "
                          f"corrupt?): {message}") from None
-    _check_complete(info, file)
+    check_loading_info(info, f"GGUF file {str(file)!r}")
     strip_gguf_traces(model, file)
     return model.to(device=device, dtype=dtype).eval(), _tokenizer_without_gguf(tokenizer, file)

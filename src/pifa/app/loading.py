@@ -10,7 +10,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..format import check_no_custom_code
+from ..format import check_no_custom_code, read_header, weight_files
+from ..inputs import check_header_fits, check_loading_info, quiet_load_report
 from ..io import model_class
 from ..validate import parse_device, parse_dtype
 from .gguf import GGUF_SUFFIX, find_gguf, load_gguf
@@ -80,7 +81,11 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
             raise ValueError(f"model {model!r} carries custom code ('auto_map' in its config); "
                              "pifa never runs code from a model folder")
         cls = model_class(architectures or config.architectures)
-        dense = cls.from_pretrained(model, dtype=dtype_value, use_safetensors=True, trust_remote_code=False)
+        # transformers' load report is checked below and refused in one line (a wrong shape too, which it would
+        # otherwise refuse pointing at the report)
+        with quiet_load_report():
+            dense, info = cls.from_pretrained(model, dtype=dtype_value, use_safetensors=True, trust_remote_code=False,
+                                              output_loading_info=True, ignore_mismatched_sizes=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # transformers, hub and safetensors errors
         message = _first_line(exc)
@@ -91,11 +96,21 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
         if type(exc).__name__ != "SafetensorError":
             raise
         raise ValueError(f"could not load model {model!r}: model.safetensors is corrupt ({exc})") from None
+    check_complete(dense, info, path if path.exists() else None, f"model {model!r}")
     try:
         dense = dense.to(target)
     except torch.OutOfMemoryError:
         raise ValueError(f"model {model!r} does not fit in the memory of {target}") from None
     return dense.eval(), tokenizer
+
+
+def check_complete(model: nn.Module, info: Any, folder: Path | None, source: str) -> None:
+    """The dense model transformers loaded holds only the checkpoint's tensors: none missing or of the wrong shape
+    (its loading report ``info``), none read from integer data as float weights (the headers of ``folder``'s
+    safetensors files, when local). See :mod:`pifa.inputs`."""
+    check_loading_info(info, source)
+    if folder is not None:
+        check_header_fits(read_header(weight_files(folder)), model, source)
 
 
 def load_tokenizer(path: str | Path) -> Any:
