@@ -50,6 +50,11 @@ def _damage(root, dense, case):
         _damage_weights(dense, case.split("-", 1)[1].rsplit("-", 1)[0])
     if case.startswith("compressed-"):
         _damage_compressed(root / "comp", case.removeprefix("compressed-").removesuffix("-eval"))
+    if case == "auto-chat-short-text":  # a chat template, and too little text to wrap in it (enough for plain text)
+        (root / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 3)
+        config = json.loads((dense / "tokenizer_config.json").read_text())
+        config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        (dense / "tokenizer_config.json").write_text(json.dumps(config))
     if case.startswith("lock-"):  # somebody's file where the lock goes: refused, neither it nor a link target touched
         (root / "notes.txt").write_text("my notes, not a pid\n")
         lock = root / "out.pifa-lock"
@@ -72,6 +77,7 @@ def _damage(root, dense, case):
         "contradicting-pattern": compress_argv(dense, out, "--method", "wanda", "--pattern", "2:4", "--density", "0.7"),
         "seq-len-beyond-model": compress_argv(dense, out, "--seq-len", "4096"),
         "existing-output": compress_argv(dense, out),
+        "auto-chat-short-text": compress_argv(dense, out),
         **{case: compress_argv(dense, out) for case in LOCK_CASES},
         **{f"weights-{damage}-{path}": argv for damage in WEIGHT_DAMAGE for path, argv in {
             "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
@@ -169,6 +175,8 @@ CASES = {
     "contradicting-pattern": "contradicts pattern 2:4",
     "seq-len-beyond-model": "longer than the model's context",
     "existing-output": "already exists",
+    "auto-chat-short-text": "fewer than 200 characters to wrap in the chat template (--calib-format auto chose chat: "
+                            "the tokenizer has a chat template; pass --calib-format text to calibrate on plain text)",
     "eval-missing-text": "is not a file, a folder or a known dataset",
     "eval-seq-len-beyond-model": "longer than the model's context",
     "eval-seq-len-beyond-text": "seq_len",

@@ -118,6 +118,30 @@ def load_texts(source: str | os.PathLike, evaluation: bool = False) -> list[str]
     return texts
 
 
+CALIB_FORMATS = ("auto", "text", "chat")
+
+
+def calibration_format(tokenizer: Any, requested: str = "auto") -> str:
+    """The calibration format to use, ``"chat"`` or ``"text"``: ``requested``, or for ``"auto"`` chat when the
+    tokenizer has a chat template and plain text otherwise.
+
+    An instruction-tuned model calibrated on plain text never shows its role markers and special tokens to the
+    statistics, and compressed may answer nothing at all (the first token ``<|im_end|>``, see the README); a
+    tokenizer with a chat template is the sign of such a model.
+    """
+    if requested not in CALIB_FORMATS:
+        raise ValueError(f"calibration format {requested!r} is not one of {', '.join(CALIB_FORMATS)}")
+    if requested != "auto":
+        return requested
+    return "chat" if has_chat_template(tokenizer) else "text"
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` carries a chat template (a non-empty string, or a non-empty table of named ones)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and isinstance(template, (str, dict))
+
+
 CHAT_PROMPTS = ("Tell me about this topic.", "Write a paragraph about it.", "What do you know about this?",
                 "Explain this in detail.")
 
@@ -129,18 +153,38 @@ def chat_documents(tokenizer: Any, texts: Sequence[str], prompts: Sequence[str] 
     Every paragraph (blank-line separated, at least ``min_chars`` characters) of ``texts``
     becomes the assistant's reply to one of ``prompts`` (in turn), rendered with the
     tokenizer's chat template, so the calibration activations include the role markers and
-    special tokens the model sees when it chats. Raises ``ValueError`` without a chat template.
+    special tokens the model sees when it chats. A text of short paragraphs only (lines, a list) is
+    wrapped in replies of neighbouring paragraphs, each at least ``min_chars`` long. Raises ``ValueError``
+    without a chat template, or when all of ``texts`` together are shorter than ``min_chars``.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise ValueError("the tokenizer has no chat template: chat-format calibration needs one")
     paragraphs = [p.strip() for text in texts for p in text.replace("\r\n", "\n").split("\n \n")
                   if len(p.strip()) >= min_chars]
     paragraphs = [q.strip() for p in paragraphs for q in p.split("\n\n") if len(q.strip()) >= min_chars]
+    if not paragraphs:  # short paragraphs only: join neighbours
+        paragraphs = _joined([q.strip() for text in texts for q in text.replace("\r\n", "\n").split("\n\n")
+                              if q.strip()], min_chars)
     if not paragraphs:
-        raise ValueError(f"no paragraph of at least {min_chars} characters to wrap in the chat template")
+        raise ValueError(f"the calibration text has fewer than {min_chars} characters to wrap in the chat template")
     return [tokenizer.apply_chat_template([{"role": "user", "content": prompts[i % len(prompts)]},
                                            {"role": "assistant", "content": p}], tokenize=False)
             for i, p in enumerate(paragraphs)]
+
+
+def _joined(pieces: Sequence[str], min_chars: int) -> list[str]:
+    """``pieces`` joined with blank lines into runs of at least ``min_chars`` characters (a short rest joins the
+    last run)."""
+    runs: list[str] = []
+    current = ""
+    for piece in pieces:
+        current = f"{current}\n\n{piece}" if current else piece
+        if len(current) >= min_chars:
+            runs.append(current)
+            current = ""
+    if current and runs:
+        runs[-1] = f"{runs[-1]}\n\n{current}"
+    return runs
 
 
 def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:

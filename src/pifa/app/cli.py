@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     comp.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    comp.add_argument("--calib-format", choices=("text", "chat"), default="text",
+    comp.add_argument("--calib-format", choices=("auto", "text", "chat"), default="auto",
                       help="chat: wrap the calibration paragraphs as assistant replies in the model's chat template "
-                           "(for instruction-tuned models)")
+                           "(for instruction-tuned models); text: plain text; auto: chat when the tokenizer has a "
+                           "chat template, text otherwise (the report says which was used)")
     comp.add_argument("--stream", action="store_true",
                       help="never hold the whole model: read each block from MODEL's safetensors when it is reached "
                            "and write it out when finished (sharded output; peak memory independent of depth)")

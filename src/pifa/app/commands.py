@@ -23,7 +23,7 @@ from .. import distributed
 from ..budget import check_density, layer_parameters
 from ..compress import compress, plan
 from ..config import CompressionConfig
-from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, chat_documents, load_texts
+from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, calibration_format, chat_documents, load_texts
 from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
 from ..format import CONFIG_NAME, check_tensor_shapes, read_pifa_config, weight_files
 from ..io import load_compressed, save_compressed
@@ -141,9 +141,24 @@ def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, 
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
     _check_activation_memory(model, config, args.samples, args.seq_len)
     source = args.calib
-    if args.calib_format == "chat":
-        source = chat_documents(tokenizer, load_texts(args.calib))
+    used = calibration_format(tokenizer, args.calib_format)
+    if used == "chat":
+        try:
+            source = chat_documents(tokenizer, load_texts(args.calib))
+        except ValueError as exc:
+            if args.calib_format != "auto":
+                raise
+            raise ValueError(f"{exc} (--calib-format auto chose chat: the tokenizer has a chat template; pass "
+                             "--calib-format text to calibrate on plain text)") from None
     return model, tokenizer, calibration_batches(tokenizer, source, args.samples, args.seq_len, args.seed), streamed
+
+
+def _format_note(tokenizer: Any, requested: str) -> str:
+    """The line that says which calibration format a run used, and why."""
+    used = calibration_format(tokenizer, requested)
+    reason = {"auto": f"auto: the tokenizer has {'a' if used == 'chat' else 'no'} chat template",
+              "chat": "--calib-format chat", "text": "--calib-format text"}[requested]
+    return f"calibration format: {used} ({reason})"
 
 
 def _sensitivity_cache(path: str | None, config: CompressionConfig, inputs: dict[str, Path],
@@ -217,8 +232,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     device = distributed.local_device(device)
     distributed.check_same_everywhere({k: v for k, v in vars(args).items() if k != "func"}, "arguments")
     if args.dry_run:  # the plan only: nothing is written
-        model, _, calib, streamed = _model_and_calibration(args, config, dtype, device)
-        return _print_plan(model, config, calib, device, args.batch_size, streamed, cache)
+        model, tokenizer, calib, streamed = _model_and_calibration(args, config, dtype, device)
+        code = _print_plan(model, config, calib, device, args.batch_size, streamed, cache)
+        if distributed.is_main():
+            print(_format_note(tokenizer, args.calib_format))
+        return code
     main = distributed.is_main()  # rank 0 (or the only process) locks, writes and prints
     with OutputLock(out) if main else contextlib.nullcontext():
         model, tokenizer, calib, streamed = _model_and_calibration(args, config, dtype, device)
@@ -229,7 +247,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             shutil.rmtree(checkpoint)
         distributed.barrier()  # no rank reads the checkpoint before rank 0 has decided its fate
         extra = {"source": str(args.model), "calibration": {"source": str(args.calib), "samples": args.samples,
-                                                            "seq_len": args.seq_len, "seed": args.seed}}
+                                                            "seq_len": args.seq_len, "seed": args.seed,
+                                                            "format": calibration_format(tokenizer, args.calib_format),
+                                                            "format_requested": args.calib_format}}
         try:
             if streamed is not None:
                 report = streamed.compress(out, config, calib, device=device, batch_size=args.batch_size,
@@ -253,6 +273,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     distributed.barrier()
     if main:
         print(report.table())
+        print(_format_note(tokenizer, args.calib_format))
         print(f"saved to {out}")
     return 0
 
