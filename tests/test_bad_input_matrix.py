@@ -55,6 +55,12 @@ def _damage(root, dense, case):
         config = json.loads((dense / "tokenizer_config.json").read_text())
         config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
         (dense / "tokenizer_config.json").write_text(json.dumps(config))
+    if case.startswith("chat-template-"):  # a model's chat template is input too: whatever it does, one line
+        config = json.loads((dense / "tokenizer_config.json").read_text())
+        config["chat_template"] = CHAT_TEMPLATES[case]
+        (dense / "tokenizer_config.json").write_text(json.dumps(config))
+        (root / "calib.txt").write_text(("the quick brown fox jumps over the lazy dog, again and again. " * 5
+                                         + "\n \n") * 10)
     if case.startswith("lock-"):  # somebody's file where the lock goes: refused, neither it nor a link target touched
         (root / "notes.txt").write_text("my notes, not a pid\n")
         lock = root / "out.pifa-lock"
@@ -79,6 +85,7 @@ def _damage(root, dense, case):
         "existing-output": compress_argv(dense, out),
         "auto-chat-short-text": compress_argv(dense, out),
         **{case: compress_argv(dense, out) for case in LOCK_CASES},
+        **{case: compress_argv(dense, out) for case in CHAT_TEMPLATES},  # --calib-format auto: chat
         **{f"weights-{damage}-{path}": argv for damage in WEIGHT_DAMAGE for path, argv in {
             "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
@@ -149,6 +156,22 @@ def _damage_compressed(comp, damage):
     save_file(tensors, comp / "model.safetensors", metadata={"format": "pt"})
 
 
+CHAT_TEMPLATES = {
+    "chat-template-raises": "{{ raise_exception('this model does not chat') }}",
+    "chat-template-syntax-error": "{% for %}",
+    "chat-template-escapes-sandbox": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "chat-template-undefined": "{{ foo.bar.baz }}",
+    "chat-template-divides-by-zero": "{{ 1 // 0 }}",
+}
+CHAT_TEMPLATE_ERRORS = {
+    "chat-template-raises": "the tokenizer's chat template failed (TemplateError: this model does not chat)",
+    "chat-template-syntax-error": "the tokenizer's chat template failed (TemplateSyntaxError: Expected an expression",
+    "chat-template-escapes-sandbox": "the tokenizer's chat template failed (SecurityError: access to attribute "
+                                     "'__class__' of 'str' object is unsafe.)",
+    "chat-template-undefined": "the tokenizer's chat template failed (UndefinedError: 'foo' is undefined)",
+    "chat-template-divides-by-zero": "the tokenizer's chat template failed (ZeroDivisionError",
+}
+
 LOCK_CASES = {
     "lock-is-symbolic-link": "is a symbolic link (to 'notes.txt'), not a lock file of pifa",
     "lock-is-dangling-link": "is a symbolic link",
@@ -159,6 +182,7 @@ LOCK_CASES = {
 
 CASES = {
     **LOCK_CASES,
+    **CHAT_TEMPLATE_ERRORS,
     **{f"weights-{damage}-{path}": message for damage, message in WEIGHT_DAMAGE.items()
        for path in ("compress", "stream", "eval")},
     **{f"compressed-{damage}-eval": message for damage, message in COMPRESSED_DAMAGE.items()},
@@ -232,3 +256,4 @@ def test_compressed_folder_missing_or_mistyping_an_uncompressed_tensor_is_refuse
     with pytest.raises(ValueError, match=re.escape(COMPRESSED_DAMAGE[damage])) as info:
         load[loader](root / "comp")
     assert "\n" not in str(info.value)
+

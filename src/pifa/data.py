@@ -167,9 +167,27 @@ def chat_documents(tokenizer: Any, texts: Sequence[str], prompts: Sequence[str] 
                               if q.strip()], min_chars)
     if not paragraphs:
         raise ValueError(f"the calibration text has fewer than {min_chars} characters to wrap in the chat template")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": prompts[i % len(prompts)]},
-                                           {"role": "assistant", "content": p}], tokenize=False)
+    return [render_chat(tokenizer, [{"role": "user", "content": prompts[i % len(prompts)]},
+                                    {"role": "assistant", "content": p}])
             for i, p in enumerate(paragraphs)]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """``messages`` rendered with the tokenizer's chat template (transformers' Jinja sandbox).
+
+    The template comes with the model and is input like any other: one that raises (``raise_exception``), has a
+    syntax error, reaches for what the sandbox forbids, names something undefined or fails in any other way is a
+    one-line ``ValueError`` naming the error, never a traceback.
+    """
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 -- jinja2's TemplateError family, or whatever the template's code raised
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"the tokenizer's chat template failed ({type(exc).__name__}"
+                         + (f": {first}" if first else "") + ")") from None
+    if not isinstance(text, str):
+        raise ValueError(f"the tokenizer's chat template gave {type(text).__name__}, not text")
+    return text
 
 
 def _joined(pieces: Sequence[str], min_chars: int) -> list[str]:
