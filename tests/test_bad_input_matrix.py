@@ -257,3 +257,26 @@ def test_compressed_folder_missing_or_mistyping_an_uncompressed_tensor_is_refuse
         load[loader](root / "comp")
     assert "\n" not in str(info.value)
 
+
+FACTOR_DAMAGE = {
+    "int64-up": ("up", lambda t: t.long(), "factor 'up' is int64; factors must be floating point"),
+    "int64-down": ("down", lambda t: t.long(), "factor 'down' is int64; factors must be floating point"),
+    "int32-bias": ("bias", lambda t: t.int(), "factor 'bias' is int32; factors must be floating point"),
+    "bool-up": ("up", lambda t: t > 0, "factor 'up' is bool; factors must be floating point"),
+    "meta-down": ("down", lambda t: t.to("meta"), "factor 'down' is on the meta device and holds no values"),
+    "numpy-up": ("up", lambda t: t.numpy(), "factor 'up' must be a torch.Tensor, got ndarray"),
+}
+
+
+@pytest.mark.parametrize("kind", ["PivotLinear", "LowRankLinear"])
+@pytest.mark.parametrize("damage", sorted(FACTOR_DAMAGE))
+def test_from_factors_refuses_factors_that_are_not_floating_point_values(kind, damage):
+    """The Python API: a ValueError with a message, not a RuntimeError from deep inside torch or scipy."""
+    import pifa
+
+    factors = {"up": torch.randn(8, 3), "down": torch.randn(3, 6), "bias": torch.randn(8)}
+    name, change, message = FACTOR_DAMAGE[damage]
+    factors[name] = change(factors[name])
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        getattr(pifa, kind).from_factors(factors["up"], factors["down"], factors["bias"])
+    assert "\n" not in str(info.value)

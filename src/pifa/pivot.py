@@ -45,7 +45,18 @@ class Pivoting:
 
 
 def check_factors(up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Raise ``ValueError`` unless ``up`` (m x r), ``down`` (r x n) and ``bias`` (m,) agree and are finite."""
+    """Raise ``ValueError`` unless ``up`` (m x r), ``down`` (r x n) and ``bias`` (m,) are floating-point tensors
+    holding values (not on the meta device) that agree and are finite."""
+    for name, tensor in (("up", up), ("down", down), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"factor '{name}' must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"factor '{name}' is {str(tensor.dtype).removeprefix('torch.')}; factors must be "
+                             "floating point (float32, float64, bfloat16 or float16)")
+        if tensor.is_meta:
+            raise ValueError(f"factor '{name}' is on the meta device and holds no values")
     if up.dim() != 2 or down.dim() != 2:
         raise ValueError(f"factors must be 2-D, got up {tuple(up.shape)} and down {tuple(down.shape)}")
     if up.shape[1] != down.shape[0]:
