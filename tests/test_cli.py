@@ -40,7 +40,8 @@ def test_info_reports_pruned_linears_from_the_file(tmp_path, capsys):
     report = compress(model, config, torch.randint(0, 128, (4, 16)))
     save_compressed(model, tmp_path / "s", compression=config.to_dict(), report=report)
     spec = json.loads((tmp_path / "s" / CONFIG_NAME).read_text())
-    assert spec["pruned"]["transformer.h.0.mlp.c_fc"] == {"out_features": 128, "in_features": 32, "pattern": "2:4"}
+    assert spec["pruned"]["transformer.h.0.mlp.c_fc"] == {"out_features": 128, "in_features": 32, "pattern": "2:4",
+                                                           "kernel": "hardware 2:4 kernel: direct"}
     assert main(["info", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "compressed with wanda" in out and "sparse 2:4" in out and "128x32" in out

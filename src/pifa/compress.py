@@ -646,13 +646,15 @@ def _prune_linear(run: _Run, block: _Block, local: str, g: torch.Tensor) -> Modu
     module = block.module.get_submodule(local)
     weight = _finite_weight(module, full)
     with run.report.stage("prune"):
-        pruned = sparse.prune(config.spec.sparse_rule, weight, g.to(weight.device), run.plan.densities[full],
-                              config.nm)
+        pruned, perm = sparse.prune_permuted(config.spec.sparse_rule, weight, g.to(weight.device),
+                                             run.plan.densities[full], config.nm, config.permute)
     write_weight(module, pruned)
     m, n = weight.shape
     with run.report.stage("error"):
         error = solver.output_error(weight, pruned, g)
-    return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)), error)
+    return ModuleReport(full, "sparse", m, n, 0, m * n, int(torch.count_nonzero(pruned)), error,
+                        nm_in_storage=None if config.nm is None else sparse.is_nm(pruned, config.nm),
+                        input_permutation=None if perm is None else perm.tolist())
 
 
 def _sensitivity_probe(config: CompressionConfig, model: nn.Module, blocks: nn.ModuleList, streams: _Streams,

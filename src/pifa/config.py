@@ -77,6 +77,9 @@ class CompressionConfig:
             the transformer blocks).
         ignore: fnmatch patterns never compressed.
         pivot_method: "lu" or "qr" for the PIFA re-encoding.
+        permute: N:M sparse methods only: prune every linear in the input-channel order (RIA's channel
+            permutation) whose groups of M keep the most of the rule's score; the weight is written
+            back in the original order (the model computes the same as the pruned permuted layer).
     """
 
     density: float = _field(None, "kept fraction of the targeted linears' weights, in (0, 1] (default 0.5, "
@@ -84,6 +87,9 @@ class CompressionConfig:
     method: str = _field("mpifa", "svd | svd-llm (whitened) | m (whitened + M) | mpifa (M + PIFA); "
                                   "sparse baselines: magnitude | wanda | sparsegpt | ria")
     pattern: str = _field("unstructured", "sparse methods: unstructured, or N:M such as 2:4 or 4:8")
+    permute: bool = _field(False, "sparse methods with an N:M pattern: RIA's channel permutation (per linear, the "
+                                  "input order whose groups of M keep the most score; the weight is stored in the "
+                                  "original order, a hardware N:M kernel needs the recorded permutation)")
     attn_density: float | None = _field(None, "attention density; the MLP density is solved to hit --density")
     allocation: str = _field("uniform", "uniform, owl (outlier-aware per block), spectrum (per-linear ranks from "
                                         "the whitened spectra of the dense model) or sensitivity (per-linear ranks "
@@ -136,6 +142,12 @@ class CompressionConfig:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be >= 0")
         for name in ("mix", "ridge", "damping", "owl_lambda", "owl_threshold"):
             check_finite_number(getattr(self, name), name)
+        if not isinstance(self.permute, bool):
+            raise ValueError(f"permute must be true or false, got {self.permute!r}")
+        if self.permute and (self.nm is None or self.spec.low_rank):
+            raise ValueError(f"permute reorders the groups of an N:M pattern: it needs a sparse method "
+                             f"({', '.join(SPARSE_METHODS)}) and a pattern such as 2:4, not {self.method!r} "
+                             f"with pattern {self.pattern!r}")
         if self.nm is not None and (self.attn_density is not None or self.allocation != "uniform"):
             option = "attn_density" if self.attn_density is not None else f"allocation {self.allocation!r}"
             raise ValueError(f"{option} cannot apply to the N:M pattern {self.pattern}: every group of "

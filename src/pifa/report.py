@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+_NM_ONLY = ("nm_in_storage", "input_permutation")  # left out of the JSON where they do not apply
+
 
 @dataclass
 class ModuleReport:
@@ -24,6 +26,10 @@ class ModuleReport:
     params_after: int
     calib_error: float
     allocation_score: float | None = None  # what chose the rank (spectrum: discarded whitened energy), if any
+    # sparse N:M: whether the stored weight is N:M as stored (None: unstructured or not pruned) and, after
+    # RIA's channel permutation, the input order perm in which it is (W[:, perm] is N:M; None: as stored)
+    nm_in_storage: bool | None = None
+    input_permutation: list[int] | None = None
 
 
 @dataclass
@@ -57,11 +63,24 @@ class CompressionReport:
     def pruned_modules(self) -> dict[str, dict[str, Any]]:
         """The linears a sparse method pruned (zeros in a dense weight): shape and pattern, by name.
 
-        Loading needs nothing from this table; ``pifa info`` uses it to count their kept weights.
+        Loading needs nothing from this table; ``pifa info`` uses it to count their kept weights. For an
+        N:M pattern, ``kernel`` says whether a hardware N:M kernel can use the stored weight directly
+        ("hardware 2:4 kernel: direct") or only with its inputs reordered ("needs the input permutation"):
+        then ``input_permutation`` is perm, W[:, perm] is N:M and W x = W[:, perm] x[perm].
         """
         pattern = self.config.get("pattern", "unstructured")
-        return {m.name: {"out_features": m.out_features, "in_features": m.in_features, "pattern": pattern}
-                for m in self.modules if m.kind == "sparse"}
+        table = {}
+        for m in self.modules:
+            if m.kind != "sparse":
+                continue
+            entry: dict[str, Any] = {"out_features": m.out_features, "in_features": m.in_features, "pattern": pattern}
+            if pattern != "unstructured":  # reports from before the permutation: N:M as stored
+                direct = m.nm_in_storage is not False and m.input_permutation is None
+                entry["kernel"] = f"hardware {pattern} kernel: direct" if direct else "needs the input permutation"
+                if m.input_permutation is not None:
+                    entry["input_permutation"] = list(m.input_permutation)
+            table[m.name] = entry
+        return table
 
     @property
     def density(self) -> float:
@@ -80,7 +99,8 @@ class CompressionReport:
             **({"allocation_cost": self.allocation_cost} if self.allocation_cost else {}),
             **({"predicted_speedup": self.predicted_speedup} if self.predicted_speedup else {}),
             **({"replay_difference": self.replay_difference} if self.replay_difference is not None else {}),
-            "modules": [asdict(m) for m in self.modules],
+            "modules": [{k: v for k, v in asdict(m).items() if v is not None or k not in _NM_ONLY}
+                        for m in self.modules],
         }
 
     def to_json(self) -> str:

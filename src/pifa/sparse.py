@@ -4,10 +4,17 @@ Notation: W is (m, n) = (out, in); G = sum over tokens x x^T is the (n, n) calib
 statistic (float64), so the input norms are ||X_j||_2 = sqrt(G_jj). "density" is the KEPT
 fraction. A pattern is "unstructured" or "N:M" (keep N of every M consecutive inputs of a
 row). Unstructured keeps exactly round(density * n) weights in every row (Python's round).
+
+Channel permutation (RIA, Zhang et al. ICLR 2024) for N:M: ``prune_permuted`` chooses a per-linear
+input order ``perm`` in which the N:M groups keep the most score, prunes W[:, perm] there and writes
+the result back in the ORIGINAL input order, so the layer needs no runtime permutation: the stored
+weight W' satisfies W' x = P x[perm] with P = W'[:, perm] N:M in every group of M consecutive inputs.
+A hardware N:M kernel needs P (W' permuted), or the producer of x permuted, to run it.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 
 import torch
@@ -132,6 +139,141 @@ def prune(method: str, w: torch.Tensor, g: torch.Tensor | None, density: float,
     else:
         scores = ria_scores(w, g)
     return w * keep_mask(scores, density, nm).to(w.device)
+
+
+# ----------------------------------------------------------------------------- channel permutation
+
+def permutation_scores(method: str, w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """The score a channel permutation maximises the kept part of: the rule's own importance score
+    (magnitude, Wanda, RIA); for SparseGPT, whose mask is chosen during its solve, Wanda's |W| * ||x||."""
+    if method not in RULES:
+        raise ValueError(f"unknown sparsity method {method!r}; expected one of {', '.join(RULES)}")
+    if method == "magnitude":
+        return magnitude_scores(w)
+    if g is None:
+        raise ValueError(f"sparsity method {method!r} needs the calibration statistic G")
+    return ria_scores(w, g) if method == "ria" else wanda_scores(w, g)
+
+
+def kept_score(scores: torch.Tensor, nm: tuple[int, int], perm: torch.Tensor | None = None) -> float:
+    """Sum over every row and every group of M consecutive inputs (after ``perm``: columns perm[0],
+    perm[1], ...) of its N largest scores: what the N:M mask of these scores keeps."""
+    m, n = scores.shape
+    _check_width(n, nm)
+    s = scores.to(torch.float64) if perm is None else scores.to(torch.float64)[:, perm]
+    return float(s.reshape(m, n // nm[1], nm[1]).topk(nm[0], dim=-1).values.sum())
+
+
+def _groups_kept(scores: torch.Tensor, groups: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Per group (G,): the summed N largest scores of its channels ``groups`` (G, M) in every row."""
+    return scores[:, groups].topk(n_keep, dim=-1).values.sum(dim=(0, 2))
+
+
+def _balanced_groups(scores: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """RIA's channel allocation: channels by their total score, largest first, each into the group
+    (of those not yet full) with the least score so far, so heavy channels do not share a group."""
+    n_groups, size = scores.shape[1] // nm[1], nm[1]
+    mass = scores.sum(dim=0)
+    order = torch.sort(mass, descending=True, stable=True).indices.tolist()
+    heap = [(0.0, index) for index in range(n_groups)]
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    for channel in order:
+        total, index = heapq.heappop(heap)
+        members[index].append(channel)
+        if len(members[index]) < size:
+            heapq.heappush(heap, (total + float(mass[channel]), index))
+    return torch.tensor(members, dtype=torch.long, device=scores.device)
+
+
+def _gain_matrix(scores: torch.Tensor, rest: torch.Tensor, out: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """C (G, G): C[g, c] = kept score of group g's remaining channels ``rest[g]`` (M - 1) plus channel
+    ``out[c]``. A row keeps its N largest; with the N-th largest remaining value t, adding v changes the
+    kept sum by max(0, v - t)."""
+    values = scores[:, rest]                                  # (m, G, M - 1)
+    top = values.topk(n_keep, dim=-1).values                  # (m, G, N)
+    base = top.sum(dim=(0, 2))                                # (G,)
+    threshold = top[..., -1].float()                          # (m, G): the N-th largest remaining
+    candidates = scores[:, out].float()                       # (m, G); float32 only ranks the assignments
+    m, n_groups = threshold.shape
+    gain = torch.zeros(n_groups, n_groups, dtype=torch.float32, device=scores.device)
+    chunk = max(1, (1 << 22) // max(1, n_groups * n_groups))
+    for start in range(0, m, chunk):
+        t, v = threshold[start:start + chunk], candidates[start:start + chunk]
+        gain += (v[:, None, :] - t[:, :, None]).clamp_min_(0.0).sum(dim=0)
+    return base[:, None] + gain.double()
+
+
+def nm_permutation(scores: torch.Tensor, nm: tuple[int, int], rounds: int | None = None) -> torch.Tensor:
+    """A permutation ``perm`` (n,) of the inputs whose N:M groups (columns perm[k*M:(k+1)*M]) keep at
+    least as much of ``scores`` (m, n) as the identity, and usually more. Deterministic.
+
+    Start: the better of the identity and RIA's balanced allocation (:func:`_balanced_groups`). Then
+    rounds of RIA's refinement: take the channel at position r mod M out of every group and put the
+    G taken channels back, one per group, by a linear sum assignment that maximises the kept score
+    (keeping them where they were is one of the assignments, so no round lowers it); a round is
+    accepted only if the kept score rises. Stops after M rounds in a row without a gain or after
+    ``rounds`` rounds (default 4 M). Groups are finally listed by their smallest channel, each in
+    ascending order, so a permutation that changes nothing is the identity.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    m, n = scores.shape
+    _check_width(n, nm)
+    n_keep, size = nm
+    s = scores.detach().to(torch.float64)
+    identity = torch.arange(n, device=s.device).reshape(n // size, size)
+    balanced = _balanced_groups(s, nm)
+    kept_identity = float(_groups_kept(s, identity, n_keep).sum())
+    kept_balanced = float(_groups_kept(s, balanced, n_keep).sum())
+    groups, best = (balanced, kept_balanced) if kept_balanced > kept_identity else (identity, kept_identity)
+    rounds = 4 * size if rounds is None else rounds
+    idle = 0
+    for r in range(rounds):
+        if idle >= size or groups.shape[0] < 2:
+            break
+        position = r % size
+        keep = [p for p in range(size) if p != position]
+        rest, out = groups[:, keep], groups[:, position]
+        gain = _gain_matrix(s, rest, out, n_keep)
+        rows, cols = linear_sum_assignment(gain.cpu().numpy(), maximize=True)
+        candidate = groups.clone()
+        candidate[torch.as_tensor(rows, device=s.device), position] = out[torch.as_tensor(cols, device=s.device)]
+        total = float(_groups_kept(s, candidate, n_keep).sum())  # recomputed exactly: accept only a real gain
+        if total > best * (1 + 1e-12):
+            groups, best, idle = candidate, total, 0
+        else:
+            idle += 1
+    groups = torch.sort(groups, dim=1).values
+    groups = groups[torch.argsort(groups[:, 0])]
+    return groups.reshape(n)
+
+
+def is_nm(weight: torch.Tensor, nm: tuple[int, int]) -> bool:
+    """Whether every group of M consecutive inputs of every row of ``weight`` has at most N non-zeros."""
+    m, n = weight.shape
+    return n % nm[1] == 0 and bool(((weight != 0).reshape(m, n // nm[1], nm[1]).sum(dim=-1) <= nm[0]).all())
+
+
+def prune_permuted(method: str, w: torch.Tensor, g: torch.Tensor | None, density: float,
+                   nm: tuple[int, int] | None, permute: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`prune` after RIA's channel permutation: (W', perm). W' has W's shape, dtype and input order;
+    W'[:, perm] is N:M (perm chosen by :func:`nm_permutation` on :func:`permutation_scores`; SparseGPT
+    solves column by column in the permuted order, with G permuted alike). perm is None when it is the
+    identity or ``permute`` is false (then W' = prune(...) is N:M as stored)."""
+    if not permute:
+        return prune(method, w, g, density, nm), None
+    if nm is None:
+        raise ValueError("the channel permutation needs an N:M pattern (unstructured masks have no groups)")
+    _checked_density(density, nm)
+    _check_width(w.shape[1], nm)
+    perm = nm_permutation(permutation_scores(method, w, g), nm).to(w.device)
+    if torch.equal(perm, torch.arange(w.shape[1], device=w.device)):
+        return prune(method, w, g, density, nm), None
+    permuted = prune(method, w[:, perm], None if g is None else g[perm][:, perm], density, nm)
+    out = torch.empty_like(permuted)
+    out[:, perm] = permuted
+    return out, perm
 
 
 # ----------------------------------------------------------------------------- SparseGPT

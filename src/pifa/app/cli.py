@@ -30,7 +30,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata.get("help")
         if field.name in listed:
             help_text = f"{help_text} (one of: {', '.join(listed[field.name])})"
-        if isinstance(field.default, tuple):
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif isinstance(field.default, tuple):
             parser.add_argument(flag, nargs="*", default=list(field.default), metavar="PATTERN", help=help_text)
         else:
             kind = type(field.default) if field.default is not None else (
