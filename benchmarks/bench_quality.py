@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("svd", "svd-llm", "m", "mpifa")
 # Sparse baselines as METHOD@PATTERN, e.g. sparsegpt@2:4 (an N:M pattern fixes its own density).
 SPARSE = tuple(f"{m}@{p}" for m in ("magnitude", "wanda", "sparsegpt", "ria") for p in ("2:4", "4:8", "unstructured"))
+# N:M with RIA's channel permutation: METHOD@N:M,permute=1, e.g. ria@2:4,permute=1.
+PERMUTED = tuple(f"{m},permute=1" for m in SPARSE if not m.endswith("unstructured"))
 # Low-rank methods with a rank allocation other than uniform, as METHOD/ALLOCATION, e.g. mpifa/sensitivity.
 ALLOCATED = tuple(f"{m}/{a}" for m in METHODS for a in ("owl", "spectrum", "sensitivity"))
 DENSITIES = (0.4, 0.5, 0.6, 0.7, 0.8)
@@ -68,10 +70,11 @@ def _compressed(model_dir: str, method: str, density: float, calib: torch.Tensor
                 batch_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A fresh dense model compressed in place; the report without its per-module list."""
     model, _ = load_dense(model_dir, "float32", "cpu")
+    method, _, option = method.partition(",")
     method, _, allocation = method.partition("/")
     name, _, pattern = method.partition("@")
     config = pifa.CompressionConfig(density=density, method=name, pattern=pattern or "unstructured",
-                                    allocation=allocation or "uniform")
+                                    allocation=allocation or "uniform", permute=option == "permute=1")
     report = pifa.compress(model, config, calib, device="cpu", batch_size=batch_size, progress=False,
                            sensitivity_cache=SENSITIVITY)
     info = report.to_dict()
@@ -85,7 +88,7 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, float]]:
     runs = []
     for density in args.densities:
         for method in args.methods:
-            pattern = method.partition("@")[2]
+            pattern = method.partition(",")[0].partition("@")[2]
             if ":" in pattern:
                 n, m = map(int, pattern.split(":"))
                 if abs(n / m - density) < 1e-9:
@@ -218,9 +221,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         minilm = None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=("pycode", "minilm"), default=["pycode", "minilm"])
-    p.add_argument("--methods", nargs="+", choices=METHODS + ALLOCATED + SPARSE, default=list(METHODS),
+    p.add_argument("--methods", nargs="+", choices=METHODS + ALLOCATED + SPARSE + PERMUTED, default=list(METHODS),
                    help="low-rank methods (uniform ranks, or METHOD/ALLOCATION, e.g. mpifa/sensitivity), and "
-                        "sparse baselines as METHOD@PATTERN (e.g. sparsegpt@2:4)")
+                        "sparse baselines as METHOD@PATTERN (e.g. sparsegpt@2:4; with RIA's channel "
+                        "permutation: ria@2:4,permute=1)")
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     p.add_argument("--pycode-model", type=Path, default=shared / "models" / "pycode-llama")
     p.add_argument("--minilm-model", type=Path, default=minilm)

