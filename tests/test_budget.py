@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from pifa.budget import allocate_ranks, layer_parameters, owl_block_densities, rank_for_density, spectrum_ranks
+from pifa.budget import allocate_ranks, layer_parameters, owl_block_densities, rank_for_density
 from pifa.capture import capture_block_inputs, infer_groups
 from pifa.model import find_blocks, target_linears
+from pifa.rank_search import spectrum_ranks
 
 SHAPES = {"a": (64, 32), "b": (32, 32), "c": (96, 48), "d": (17, 40)}
 

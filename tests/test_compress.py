@@ -251,7 +251,7 @@ def biased(model):
 def test_m_from_dense_outputs_equals_m_from_dense_inputs(name, monkeypatch):
     """A narrow layer (down_proj) gets M's W H from its dense outputs, sum (y - b) x~^T; the engine
     told to use H = sum x x~^T instead must give the same factors to float32 round-off."""
-    engine = sys.modules["pifa.compress"]  # the module; pifa.compress is the function
+    engine = sys.modules["pifa.streams"]  # where the dense stream decides how M's W H is recorded
     used = []
     real = engine._by_outputs
     monkeypatch.setattr(engine, "_by_outputs", lambda linears, group: used.append(real(linears, group)) or used[-1])

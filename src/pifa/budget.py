@@ -152,37 +152,6 @@ def _fraction(shape: Shape, density: float, kind: RankKind, rank: int) -> float:
     return exact_rank(m, n, density * m * n, kind) - rank
 
 
-def spectrum_ranks(
-    shapes: dict[str, Shape], spectra: dict[str, torch.Tensor], densities: dict[str, float], kind: str,
-    multiple_of: int = 1, min_density: float = 0.1, pools: dict[str, str] | None = None,
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Ranks that minimise the summed relative discarded energy of the whitened spectra within budget.
-
-    ``spectra`` are each linear's whitened singular values; the budget is sum(density m n) over
-    each pool (``pools`` maps a name to its pool, e.g. attention / MLP when the split is fixed;
-    one pool by default). Every layer keeps at least ``min_density`` (its rank at that density)
-    and at most what a dense layer costs. Returns the ranks and each layer's discarded energy.
-    """
-    from .rank_search import LayerBudget, discarded_energy, lagrangian_ranks
-
-    kind = rank_kind(kind)
-    pools = pools or {name: "all" for name in shapes}
-    ranks: dict[str, int] = {}
-    for pool in sorted(set(pools.values())):
-        names = [name for name in shapes if pools[name] == pool]
-        layers = []
-        for name in names:
-            m, n = shapes[name]
-            top = min(m, n) if kind == "pifa" else min(m, n, (m * n) // (m + n))
-            floor = min(top, max(1, rank_for_density(m, n, min_density, kind, multiple_of)))
-            layers.append(LayerBudget(name, m, n, discarded_energy(spectra[name])[: top + 1], kind,
-                                      min_rank=floor, max_rank=top))
-        budget = sum(densities[name] * shapes[name][0] * shapes[name][1] for name in names)
-        ranks.update(lagrangian_ranks(layers, budget, multiple_of))
-    scores = {name: float(discarded_energy(spectra[name])[ranks[name]]) for name in shapes}
-    return {name: ranks[name] for name in shapes}, scores
-
-
 def cap_to_break_even(ranks: dict[str, int], shapes: dict[str, Shape], ceilings: dict[str, int],
                       densities: dict[str, float], pools: dict[str, str]) -> dict[str, int]:
     """PIFA ranks none of which decodes slower than its dense layer (``ceilings``: each linear's break-even

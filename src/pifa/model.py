@@ -22,9 +22,16 @@ def _conv1d_type() -> type | None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D (GPT-2), both y = x W^T + b in effect."""
+    """nn.Linear or transformers' Conv1D (GPT-2), both y = x W^T + b in effect.
+
+    A subclass that overrides ``forward`` is not one: it may compute something else from its weight (Llama 4's
+    and PhiMoE's routers return (scores, logits), DeepSeek-V4's grouped linear applies the weight per group), so
+    a compressed layer computing x W^T cannot stand in for it."""
     conv1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    for base in (nn.Linear, conv1d):
+        if base is not None and isinstance(module, base):
+            return type(module).forward is base.forward
+    return False
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -109,17 +116,35 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def inference_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no KV cache, no grad; restores mode and ``use_cache`` afterwards, also on errors."""
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    """Eval mode, no KV cache, no grad; restores mode and ``use_cache`` afterwards, also on errors.
+
+    ``use_cache`` is turned off in the model's config and in its sub-configs (a multimodal model's language model
+    reads its text config's: Gemma 3's would otherwise pass every block a cache that each replay extends)."""
+    saved = [(c, c.use_cache) for c in _configs(getattr(model, "config", None))
+             if getattr(c, "use_cache", None) is not None]
     try:
-        if config is not None and use_cache is not None:
+        for config, _ in saved:
             config.use_cache = False
         with eval_mode(model), torch.no_grad():
             yield
     finally:
-        if config is not None and use_cache is not None:
+        for config, use_cache in saved:
             config.use_cache = use_cache
+
+
+def _configs(config: object) -> list:
+    """``config`` and the configs nested in it (sub-configs of a composite model), each once."""
+    found: list = []
+    pending = [config]
+    while pending:
+        current = pending.pop()
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        attributes = getattr(current, "__dict__", {})
+        pending += [value for value in attributes.values() if type(value).__name__.endswith("Config")
+                    and hasattr(value, "to_dict")]
+    return found
 
 
 def module_device(module: nn.Module) -> torch.device:

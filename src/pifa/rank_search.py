@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .budget import RankKind, layer_parameters
+from .budget import RankKind, Shape, layer_parameters, rank_for_density, rank_kind
 
 
 def discarded_energy(singular_values: torch.Tensor) -> torch.Tensor:
@@ -278,3 +278,33 @@ def discretise_costs(costs: Sequence[Sequence[float]], budget: float, bins: int)
             row_units[j] = math.ceil(Fraction(float(real[j])) * bins / Fraction(budget))
         units.append(row_units)
     return units, bins
+
+
+def spectrum_ranks(
+    shapes: dict[str, Shape], spectra: dict[str, torch.Tensor], densities: dict[str, float], kind: str,
+    multiple_of: int = 1, min_density: float = 0.1, pools: dict[str, str] | None = None,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Ranks that minimise the summed relative discarded energy of the whitened spectra within budget.
+
+    ``spectra`` are each linear's whitened singular values; the budget is sum(density m n) over
+    each pool (``pools`` maps a name to its pool, e.g. attention / MLP when the split is fixed;
+    one pool by default). Every layer keeps at least ``min_density`` (its rank at that density)
+    and at most what a dense layer costs. Returns the ranks and each layer's discarded energy.
+    """
+
+    kind = rank_kind(kind)
+    pools = pools or {name: "all" for name in shapes}
+    ranks: dict[str, int] = {}
+    for pool in sorted(set(pools.values())):
+        names = [name for name in shapes if pools[name] == pool]
+        layers = []
+        for name in names:
+            m, n = shapes[name]
+            top = min(m, n) if kind == "pifa" else min(m, n, (m * n) // (m + n))
+            floor = min(top, max(1, rank_for_density(m, n, min_density, kind, multiple_of)))
+            layers.append(LayerBudget(name, m, n, discarded_energy(spectra[name])[: top + 1], kind,
+                                      min_rank=floor, max_rank=top))
+        budget = sum(densities[name] * shapes[name][0] * shapes[name][1] for name in names)
+        ranks.update(lagrangian_ranks(layers, budget, multiple_of))
+    scores = {name: float(discarded_energy(spectra[name])[ranks[name]]) for name in shapes}
+    return {name: ranks[name] for name in shapes}, scores

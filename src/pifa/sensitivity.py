@@ -269,7 +269,11 @@ class SensitivityProbe:
                ) -> tuple[dict[str, int], dict[str, float], SensitivityCost]:
         """One rank per linear minimising the summed KL within each pool's budget (see :func:`choose_ranks`)."""
         ranks, scores = choose_ranks(self.options, shapes, densities, pools, self.kind, multiple_of, ceilings)
-        return ranks, scores, SensitivityCost(time.perf_counter() - self.start, self.passes, self.reused)
+        return ranks, scores, self.cost()
+
+    def cost(self) -> SensitivityCost:
+        """What the measurements cost so far."""
+        return SensitivityCost(time.perf_counter() - self.start, self.passes, self.reused)
 
 
 def _below(curve: tuple[np.ndarray, np.ndarray], ceiling: int, full: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,36 @@
+"""pifa.allocation: one planner per allocation name, and OWL's scores reach the plan."""
+
+from __future__ import annotations
+
+import torch
+
+import pifa
+from helpers import tiny_model
+from pifa.allocation import PLANNERS
+from pifa.compress import plan
+from pifa.config import ALLOCATIONS
+
+CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_allocation_name_has_one_planner():
+    assert set(PLANNERS) == set(ALLOCATIONS)
+
+
+def _outlier_model():
+    """Block 1's inputs with a few huge channels (its attention norm scaled): OWL must move density there."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[:3] = 200.0
+    return model
+
+
+def test_owl_scores_move_density_between_blocks():
+    for method in ("wanda", "mpifa"):
+        uniform, _ = plan(_outlier_model(), pifa.CompressionConfig(method=method, density=0.5), CALIB, batch_size=2)
+        owl, _ = plan(_outlier_model(), pifa.CompressionConfig(method=method, density=0.5, allocation="owl",
+                                                               owl_lambda=0.2), CALIB, batch_size=2)
+        chosen = owl.densities or owl.ranks
+        base = uniform.densities or uniform.ranks
+        q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+        assert chosen[q1] > base[q1] and chosen[q0] < base[q0], (method, chosen, base)
