@@ -265,3 +265,14 @@ def test_m_from_dense_outputs_equals_m_from_dense_inputs(name, monkeypatch):
         assert a.calib_error == pytest.approx(b.calib_error, rel=1e-4, abs=1e-7), a.name
     torch.testing.assert_close(model_output(by_outputs, CALIB[:2]), model_output(by_inputs, CALIB[:2]),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("calib, message", [
+    (torch.zeros(2, 8, dtype=torch.long, device="meta"), "calib is on the meta device"),
+    (torch.zeros(2, 65, dtype=torch.long), "longer than the model's context of 64 tokens"),
+])
+def test_calibration_the_model_cannot_read_is_one_line(calib, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message) as error:
+        pifa.compress(model, pifa.CompressionConfig(), calib, progress=False)
+    assert "\n" not in str(error.value)

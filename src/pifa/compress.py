@@ -84,6 +84,17 @@ def _as_batches(calib: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -
     return batches
 
 
+def _check_context(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Calibration the model can read: real token ids (not on the meta device), no longer than its context."""
+    if any(b.is_meta for b in batches):
+        raise ValueError("calib is on the meta device: it holds no token ids (give a LongTensor with values)")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(b.shape[1] for b in batches)
+    if isinstance(context, int) and longest > context:
+        raise ValueError(f"calibration sequences of {longest} tokens are longer than the model's context of "
+                         f"{context} tokens (max_position_embeddings)")
+
+
 def _check_vocabulary(model: nn.Module, batches: list[torch.Tensor]) -> None:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     high = max(int(b.max()) for b in batches)
@@ -159,6 +170,7 @@ def _prepare(model: nn.Module, config: CompressionConfig, calib: torch.Tensor | 
     if not isinstance(config, CompressionConfig):
         raise ValueError(f"config must be a pifa.CompressionConfig, got {type(config).__name__}")
     batches = _as_batches(calib, batch_size)
+    _check_context(model, batches)
     _check_vocabulary(model, batches)
     blocks_name, blocks = find_blocks(model)
     device = parse_device(device) if device is not None else next(model.parameters()).device
