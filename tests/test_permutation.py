@@ -232,3 +232,33 @@ def test_module_report_round_trips_through_the_checkpoint_json():
         "b": {"out_features": 2, "in_features": 4, "pattern": "2:4", "kernel": "hardware 2:4 kernel: direct"}}
     low_rank = CompressionReport({}, [ModuleReport("c", "pivot", 4, 4, 2, 16, 12, 0.1)]).to_dict()["modules"][0]
     assert "input_permutation" not in low_rank and "nm_in_storage" not in low_rank
+
+
+def test_resume_and_streaming_keep_the_permutations(tmp_path, monkeypatch):
+    from pifa.streaming import compress_streamed
+
+    config = CompressionConfig(method="wanda", pattern="2:4", permute=True)
+    reference = tiny_model("llama")
+    expected = compress(reference, config, CALIB, batch_size=4, progress=False).pruned_modules()
+    real, calls = sparse.prune_permuted, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # inside the second block
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse, "prune_permuted", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        compress(tiny_model("llama"), config, CALIB, batch_size=4, progress=False, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(sparse, "prune_permuted", real)
+    resumed = tiny_model("llama")
+    report = compress(resumed, config, CALIB, batch_size=4, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert report.pruned_modules() == expected  # block 0's records come back from the checkpoint
+    state = reference.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in resumed.state_dict().items())
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    compress_streamed(tmp_path / "dense", tmp_path / "streamed", config, CALIB, batch_size=4, progress=False)
+    assert json.loads((tmp_path / "streamed" / CONFIG_NAME).read_text())["pruned"] == expected
+    streamed = load_compressed(tmp_path / "streamed").state_dict()
+    assert all(torch.equal(streamed[k], v) for k, v in state.items())
