@@ -24,14 +24,32 @@ def _conv1d_type() -> type | None:
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear or transformers' Conv1D (GPT-2), both y = x W^T + b in effect.
 
-    A subclass that overrides ``forward`` is not one: it may compute something else from its weight (Llama 4's
-    and PhiMoE's routers return (scores, logits), DeepSeek-V4's grouped linear applies the weight per group), so
-    a compressed layer computing x W^T cannot stand in for it."""
+    A subclass that overrides ``forward`` counts only if it computes just that (Falcon's FalconLinear does):
+    Llama 4's and PhiMoE's routers return (scores, logits) and DeepSeek-V4's grouped linear applies its weight
+    per group, so a compressed layer computing x W^T cannot stand in for them (see ``_computes_linear``)."""
     conv1d = _conv1d_type()
     for base in (nn.Linear, conv1d):
         if base is not None and isinstance(module, base):
-            return type(module).forward is base.forward
+            return type(module).forward is base.forward or _computes_linear(module, base)
     return False
+
+
+def _computes_linear(module: nn.Module, base: type) -> bool:
+    """Whether ``module`` (a subclass of ``base`` with a forward of its own) returns x W^T + b on a probe row;
+    a module whose weight is not materialized (meta device) is taken at its class's word."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or not weight.is_floating_point():
+        return True
+    n = weight.shape[1] if base is nn.Linear else weight.shape[0]
+    probe = torch.randn(1, n, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            got = module(probe)
+            want = base.forward(module, probe)
+    except Exception:  # noqa: BLE001 - a forward that rejects a plain row is no plain linear
+        return False
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
