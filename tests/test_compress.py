@@ -8,7 +8,7 @@ import torch
 import pifa
 from helpers import MATRIX_CONFIGS, model_output, tiny_model
 from pifa import CompressionConfig, LowRankLinear, PivotLinear, compress, load_compressed, save_compressed
-from pifa.model import find_blocks, is_linear
+from pifa.model import context_limit, find_blocks, is_linear
 
 CALIB = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
 KINDS = {"mpifa": PivotLinear, "m": LowRankLinear, "svd-llm": LowRankLinear, "svd": LowRankLinear}
@@ -276,3 +276,12 @@ def test_calibration_the_model_cannot_read_is_one_line(calib, message):
     with pytest.raises(ValueError, match=message) as error:
         pifa.compress(model, pifa.CompressionConfig(), calib, progress=False)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("declared", [-1, 0])
+def test_a_context_declared_non_positive_or_absent_is_no_limit(declared):
+    """XLNet declares max_position_embeddings = -1 (no limit): calibration of any length is accepted."""
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = declared
+    assert context_limit(model) is None
+    pifa.compress(model, pifa.CompressionConfig(density=0.5), torch.randint(3, 100, (2, 80)), progress=False)

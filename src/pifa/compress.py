@@ -28,6 +28,7 @@ from .config import CompressionConfig
 from .faults import crash_point
 from .layers import build_layer
 from .model import (
+    context_limit,
     find_blocks,
     inference_state,
     linear_shape,
@@ -88,9 +89,9 @@ def _check_context(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Calibration the model can read: real token ids (not on the meta device), no longer than its context."""
     if any(b.is_meta for b in batches):
         raise ValueError("calib is on the meta device: it holds no token ids (give a LongTensor with values)")
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context_limit(model)
     longest = max(b.shape[1] for b in batches)
-    if isinstance(context, int) and longest > context:
+    if context is not None and longest > context:
         raise ValueError(f"calibration sequences of {longest} tokens are longer than the model's context of "
                          f"{context} tokens (max_position_embeddings)")
 

@@ -200,3 +200,10 @@ def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
     Conv1D), in place."""
     with torch.no_grad():
         module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model's config declares it reads (``max_position_embeddings``), or None where
+    it declares none: a missing or non-integer value, or a non-positive one (XLNet's -1 means no limit)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None

@@ -27,6 +27,7 @@ from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, calibration_form
 from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_text, vocabulary_size
 from ..format import CONFIG_NAME, check_tensor_shapes, read_pifa_config, weight_files
 from ..io import load_compressed, save_compressed
+from ..model import context_limit
 from ..sensitivity import SensitivityCache
 from ..streaming import StreamedWeights, check_block_memory
 from ..tables import format_table
@@ -136,8 +137,8 @@ def _model_and_calibration(args: argparse.Namespace, config: CompressionConfig, 
         model, tokenizer = streamed.model, load_tokenizer(args.model)
     else:
         model, tokenizer = load_dense(args.model, dtype, str(device))
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and args.seq_len > limit:
+    limit = context_limit(model)
+    if limit is not None and args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
     _check_activation_memory(model, config, args.samples, args.seq_len)
     source = args.calib
@@ -364,7 +365,7 @@ def _perplexities(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[
 
     if not _is_causal_lm(model):
         raise ValueError(f"--ppl needs a causal language model; {type(model).__name__} is an encoder")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model)
     if limit is not None and args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context of {limit} tokens")
     results = []
