@@ -48,6 +48,8 @@ def _damage(root, dense, case):
         out.mkdir()
     if case.startswith("weights-"):
         _damage_weights(dense, case.split("-", 1)[1].rsplit("-", 1)[0])
+    if case.startswith("index-"):
+        _damage_index(root, dense, case.removeprefix("index-").rsplit("-", 1)[0])
     if case.startswith("compressed-"):
         _damage_compressed(root / "comp", case.removeprefix("compressed-").removesuffix("-eval"))
     if case == "auto-chat-short-text":  # a chat template, and too little text to wrap in it (enough for plain text)
@@ -89,6 +91,9 @@ def _damage(root, dense, case):
         **{f"weights-{damage}-{path}": argv for damage in WEIGHT_DAMAGE for path, argv in {
             "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
+        **{f"index-{damage}-{path}": argv for damage in INDEX_DAMAGE for path, argv in {
+            "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
+            "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
         **{f"compressed-{damage}-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]
            for damage in COMPRESSED_DAMAGE},
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
@@ -110,6 +115,32 @@ WEIGHT_DAMAGE = {
     "wrong-shape": "holds weights of the wrong shape: 'model.layers.0.mlp.up_proj.weight' is (3, 3), the model "
                    "needs (64, 32)",
 }
+# An index beside the weights that is garbage or not the folder's own: refused on every input path, never guessed
+# around (model.safetensors is there too, so a loader that ignored the index would give the right answer by luck).
+INDEX_DAMAGE = {
+    "garbage": "model.safetensors.index.json in", "no-weight-map": "has no 'weight_map' of tensor names to files",
+    "path-in-weight-map": "shards must be .safetensors files in the same folder",
+    "link-to-system-file": "is a symbolic link to '/etc/passwd', outside the model folder",
+    "link-outside-folder": "outside the model folder: refused",
+}
+
+
+def _damage_index(root, dense, damage):
+    index = dense / "model.safetensors.index.json"
+    weight_map = {"metadata": {}, "weight_map": {"model.norm.weight": "model.safetensors"}}
+    if damage == "garbage":
+        index.write_bytes(b"\x89PNG\r\n garbage {[")
+    if damage == "no-weight-map":
+        index.write_text(json.dumps({"metadata": {}, "weights": {}}))
+    if damage == "path-in-weight-map":
+        index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../../etc/model.safetensors"}}))
+    if damage == "link-to-system-file":
+        index.symlink_to("/etc/passwd")
+    if damage == "link-outside-folder":  # a well-formed index, but somebody else's
+        (root / "elsewhere.json").write_text(json.dumps(weight_map))
+        index.symlink_to(root / "elsewhere.json")
+
+
 # A compressed folder missing or mistyping an *uncompressed* tensor (the compressed ones: test_trust.py).
 COMPRESSED_DAMAGE = {
     "missing-norm": "lacks weights the model needs: 'model.norm.weight'",
@@ -184,6 +215,8 @@ CASES = {
     **LOCK_CASES,
     **CHAT_TEMPLATE_ERRORS,
     **{f"weights-{damage}-{path}": message for damage, message in WEIGHT_DAMAGE.items()
+       for path in ("compress", "stream", "eval")},
+    **{f"index-{damage}-{path}": message for damage, message in INDEX_DAMAGE.items()
        for path in ("compress", "stream", "eval")},
     **{f"compressed-{damage}-eval": message for damage, message in COMPRESSED_DAMAGE.items()},
     "missing-model": "does not exist",
@@ -280,3 +313,22 @@ def test_from_factors_refuses_factors_that_are_not_floating_point_values(kind, d
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         getattr(pifa, kind).from_factors(factors["up"], factors["down"], factors["bias"])
     assert "\n" not in str(info.value)
+
+
+def test_an_index_linked_inside_the_folder_or_to_the_hub_cache_blobs_is_the_folders_own(tmp_path):
+    """The rule behind the ``index-link-*`` cases refuses only foreign links: a Hugging Face hub cache (every file
+    of ``snapshots/REV`` a link into ``blobs``) and a link within the folder are followed."""
+    from pifa.format import weight_files
+
+    snapshot = tmp_path / "models--x" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--x" / "blobs").mkdir()
+    blob = tmp_path / "models--x" / "blobs" / "0123"
+    blob.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    (snapshot / "model.safetensors.index.json").symlink_to("../../blobs/0123")
+    (snapshot / "model-00001-of-00001.safetensors").write_bytes(b"")
+    assert weight_files(snapshot) == [snapshot / "model-00001-of-00001.safetensors"]
+    (snapshot / "model.safetensors.index.json").unlink()
+    (snapshot / "real.json").write_text(blob.read_text())
+    (snapshot / "model.safetensors.index.json").symlink_to("real.json")
+    assert weight_files(snapshot) == [snapshot / "model-00001-of-00001.safetensors"]

@@ -242,30 +242,63 @@ def check_pruned_header(header: dict[str, tuple[tuple[int, ...], str]], pruned: 
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a model folder: ``model.safetensors``, or the shards its index names.
 
-    An index must be a JSON object whose ``weight_map`` maps tensor names to plain file names inside
-    the folder (no paths), each of which exists.
+    An index, wherever there is one (beside ``model.safetensors`` too: it is input like any other file), must
+    be a JSON object whose ``weight_map`` maps tensor names to plain file names inside the folder (no paths),
+    and be the folder's own: a symbolic link is followed only to a file inside the folder (or, in a Hugging
+    Face hub cache, to the repository's ``blobs``). A malformed or foreign index is refused, never guessed
+    around. Without ``model.safetensors`` each shard it names must exist.
     """
     path = Path(path)
+    index_file = path / INDEX_NAME
+    shards = read_index(path) if index_file.is_file() or index_file.is_symlink() else None
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
-    if not (path / INDEX_NAME).is_file():
+    if shards is None:
         raise ValueError(f"{str(path)!r} is missing {WEIGHTS_NAME} (or {INDEX_NAME})")
-    try:
-        index = json.loads((path / INDEX_NAME).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{INDEX_NAME} in {str(path)!r} is not valid JSON: {exc}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{INDEX_NAME} in {str(path)!r} has no 'weight_map' of tensor names to files")
-    files = []
-    for name in dict.fromkeys(weight_map.values()):
-        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
-            raise ValueError(f"{INDEX_NAME} in {str(path)!r} names {name!r}; shards must be .safetensors files "
-                             "in the same folder")
+    for name in shards:
         if not (path / name).is_file():
             raise ValueError(f"{str(path)!r} is missing shard {name} that {INDEX_NAME} names")
-        files.append(path / name)
-    return files
+    return [path / name for name in shards]
+
+
+MAX_INDEX_BYTES = 64 * 2**20  # an index names tensors and files: a bigger one is not an index
+
+
+def _inside(target: Path, folder: Path) -> bool:
+    return target == folder or folder in target.parents
+
+
+def read_index(path: str | os.PathLike) -> list[str]:
+    """The shard file names ``model.safetensors.index.json`` of folder ``path`` names (validated, see
+    :func:`weight_files`); one-line ``ValueError`` for an index that is malformed or not the folder's own."""
+    path = Path(path)
+    index_file = path / INDEX_NAME
+    where = f"{INDEX_NAME} in {str(path)!r}"
+    if index_file.is_symlink():
+        folder, target = path.resolve(), index_file.resolve()
+        hub_blobs = folder.parent.parent / "blobs" if folder.parent.name == "snapshots" else None
+        if not (_inside(target, folder) or (hub_blobs is not None and _inside(target, hub_blobs))):
+            raise ValueError(f"{where} is a symbolic link to {str(target)!r}, outside the model folder: refused "
+                             "(an index must be the folder's own)")
+    if not index_file.is_file():
+        raise ValueError(f"{where} is not a regular file")
+    try:
+        if index_file.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError(f"{where} is {index_file.stat().st_size:,} bytes, too large for an index")
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        raise ValueError(f"{where} is not valid JSON ({detail}): refused rather than guessed around") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{where} has no 'weight_map' of tensor names to files")
+    shards = []
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise ValueError(f"{where} maps {key!r} to {name!r}; shards must be .safetensors files in the same folder")
+        shards.append(name)
+    return list(dict.fromkeys(shards))
 
 
 def check_tensor_shapes(path: str | os.PathLike, spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:

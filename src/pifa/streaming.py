@@ -46,12 +46,7 @@ class WeightSource:
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}
         self.header: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
-        try:
-            files = weight_files(self.folder)
-        except ValueError:
-            files = sorted(self.folder.glob("*.safetensors"))
-            if not files:
-                raise ValueError(f"model directory {str(self.folder)!r} has no safetensors weights") from None
+        files = weight_files(self.folder)  # model.safetensors or the shards of a valid index of the folder's own
         for file in files:
             try:
                 with safetensors.safe_open(str(file), framework="pt") as handle:

@@ -32,6 +32,7 @@ def check_local(path: Path) -> None:
             f"model directory {str(path)!r} has no safetensors weights"
             + (" (pickle .bin/.pt files are never loaded)" if pickled else "")
         )
+    weight_files(path)  # model.safetensors or an index's shards; a malformed or foreign index: refused, never guessed
 
 
 def _local_architectures(path: Path) -> Any:
