@@ -140,3 +140,25 @@ def test_inference_state_turns_off_the_cache_in_sub_configs():
     with inference_state(model):
         assert not text.use_cache
     assert text.use_cache
+
+
+@pytest.mark.parametrize("arch", ["bamba", "zaya", "rwkv"])
+def test_block_loops_that_unpack_several_outputs_are_captured_by_running_the_blocks(arch):
+    """These models' loops unpack (hidden, extra...) from each block: the stand-ins cannot satisfy them, so the
+    capture runs the real blocks once under pre-hooks; the guard confirms the replay."""
+    record = matrix.check_architecture(arch)
+    assert record["status"] == "supported", record
+    assert record["replay_difference"] is not None and record["replay_difference"] <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
+def test_the_sparse_attention_indexer_is_left_dense_by_default(arch):
+    record = matrix.check_architecture(arch)
+    assert record["status"] == "supported", record
+    assert "indexer" in record["reason"]
+
+
+def test_a_block_that_cannot_be_replayed_is_refused_in_one_line():
+    record = matrix.check_architecture("reformer")
+    assert record["status"] == "refused", record
+    assert record["reason"].startswith("cannot replay transformer block 0") and "\n" not in record["reason"]

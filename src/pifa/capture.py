@@ -103,15 +103,59 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     unchanged, so the capture costs the embeddings and mask construction only, reads no block weight (a
     streamed model's blocks may be on the meta device) and ends at the last block. Whether the model's loop
     wants a tensor or a tuple back is found by trying: a later block that receives hidden states of another
-    shape (``outputs[0]`` of a tensor) means the other structure.
+    shape (``outputs[0]`` of a tensor) means the other structure. A loop that unpacks several values from
+    each block (hidden states plus states, weights or indices) accepts neither: then the real blocks run
+    once, recorded by pre-hooks (:func:`_capture_running`); the replay guard then checks that the recorded
+    inputs reproduce the model (a block whose extra outputs feed the next block cannot be, and is refused).
     """
+    errors = []
     for as_tuple in (False, True):
         try:
             return [_capture_batch(model, blocks, batch, device, as_tuple) for batch in batches]
-        except _Mismatch:
-            continue
+        except Exception as error:  # noqa: BLE001 - the model's own code may fail anywhere on a wrong structure
+            errors.append(error)
+    if not _any_meta(blocks):  # blocks returning several values that the loop unpacks: run the real blocks
+        return [_capture_running(model, blocks, batch, device) for batch in batches]
+    if not isinstance(errors[-1], _Mismatch):
+        raise errors[-1]
     raise ValueError("cannot capture the transformer blocks' inputs: the model's block loop accepts neither a "
-                     "tensor nor a tuple of hidden states from its blocks")
+                     "tensor nor a tuple of hidden states from its blocks, and the blocks' weights are not loaded "
+                     "to run them instead (streamed)")
+
+
+def _any_meta(blocks: nn.ModuleList) -> bool:
+    return any(p.is_meta for p in blocks.parameters())
+
+
+def _capture_running(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor,
+                     device: torch.device) -> BlockInputs:
+    """The capture for models whose block loop unpacks several outputs of each block (hidden states plus
+    states, weights or indices): the real blocks run (one forward pass of all but the last block, which reads
+    their weights) while pre-hooks record each call; the pass stops at the last block's call."""
+    calls: list = [None] * len(blocks)
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    recorders = [_PassThrough(i, calls, shared, False, i == len(blocks) - 1) for i in range(len(blocks))]
+
+    def hook(index: int) -> Callable:
+        def pre_hook(_block: nn.Module, args: tuple, kwargs: dict) -> None:
+            recorders[index](*args, **kwargs)
+        return pre_hook
+
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch.to(device))
+    except _Stop:
+        crash_point("capture")
+    except _Mismatch:
+        raise ValueError("cannot capture the transformer blocks' inputs: the model does not pass its blocks "
+                         "their hidden states as a tensor") from None
+    else:
+        raise ValueError("the forward pass never reached the last transformer block")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _block_inputs(calls, batch, check_shapes=False)
 
 
 def _capture_batch(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, device: torch.device,
@@ -138,11 +182,17 @@ def _capture_batch(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor,
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = forward
+    return _block_inputs(calls, batch, check_shapes=True)
+
+
+def _block_inputs(calls: list, batch: torch.Tensor, check_shapes: bool) -> BlockInputs:
+    """The recorded calls as :class:`BlockInputs`; with ``check_shapes``, hidden states of another shape at a
+    later block mean the stand-ins returned the wrong structure (``_Mismatch``)."""
     if any(c is None for c in calls):
         missing = [i for i, c in enumerate(calls) if c is None]
         raise ValueError(f"the forward pass never called transformer blocks {missing}")
     first = calls[0][0]
-    if any(c[0].shape != first.shape for c in calls[1:]):
+    if check_shapes and any(c[0].shape != first.shape for c in calls[1:]):
         raise _Mismatch
     return BlockInputs(first.detach().to("cpu"), [(rest, kw) for _, rest, kw in calls], batch.detach().to("cpu"))
 
@@ -188,6 +238,11 @@ def replay_differences(model: nn.Module, blocks: nn.ModuleList, batch: torch.Ten
             state["replaying"] = True
             try:
                 replayed = inputs.call(index, block, state["input"], device)
+            except Exception as error:  # noqa: BLE001 - the block's own code: whatever it raises, one line
+                first = str(error).splitlines()[0] if str(error) else ""
+                raise ValueError(f"cannot replay transformer block {index} on its own with the inputs the model "
+                                 f"passes it ({type(error).__name__}: {first}); this architecture is not "
+                                 "supported") from error
             finally:
                 state["replaying"] = False
                 state["stack"].close()

@@ -45,7 +45,10 @@ LOW_RANK_METHODS = tuple(name for name, method in METHODS.items() if method.low_
 SPARSE_METHODS = tuple(name for name, method in METHODS.items() if not method.low_rank)
 ALLOCATIONS = ("uniform", "owl", "spectrum", "sensitivity")
 PIVOT_METHODS = ("lu", "qr")
-DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*")
+# Never compressed by default: the head and embeddings, norms, poolers, and the sparse-attention indexer of
+# DeepSeek-V3.2-style models (DeepSeek V3.2, GLM-MoE-DSA, HY-V4, ...): a small module that picks which tokens
+# each query attends to (a discrete choice, like a router) and reads its linears' ``weight.dtype``.
+DEFAULT_IGNORE = ("*lm_head*", "*embed*", "*norm*", "*pooler*", "*.indexer.*")
 
 
 def _field(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
