@@ -48,6 +48,11 @@ def _damage(root, dense, case):
         out.mkdir()
     if case.startswith("weights-"):
         _damage_weights(dense, case.split("-", 1)[1].rsplit("-", 1)[0])
+    if case.startswith("declared-"):  # config.json declares a model the weights cannot be: refused before building it
+        folder = root / "comp" if case.endswith("-compressed-eval") else dense
+        config = json.loads((folder / "config.json").read_text())
+        config.update(DECLARED[case.removeprefix("declared-").rsplit("-", 1)[0].removesuffix("-compressed")][0])
+        (folder / "config.json").write_text(json.dumps(config))
     if case.startswith("index-"):
         _damage_index(root, dense, case.removeprefix("index-").rsplit("-", 1)[0])
     if case.startswith("compressed-"):
@@ -91,6 +96,11 @@ def _damage(root, dense, case):
         **{f"weights-{damage}-{path}": argv for damage in WEIGHT_DAMAGE for path, argv in {
             "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
+        **{f"declared-{damage}-{path}": argv for damage in DECLARED for path, argv in {
+            "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
+            "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"],
+            "compressed-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"],
+        }.items()},
         **{f"index-{damage}-{path}": argv for damage in INDEX_DAMAGE for path, argv in {
             "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
@@ -115,6 +125,24 @@ WEIGHT_DAMAGE = {
     "wrong-shape": "holds weights of the wrong shape: 'model.layers.0.mlp.up_proj.weight' is (3, 3), the model "
                    "needs (64, 32)",
 }
+# Resource bombs: a config.json declaring sizes its weights cannot have, refused from the headers before any model is
+# built or allocated (100,000 layers took 100 s and 5.4 GB to refuse under --stream; a declared hidden size makes
+# transformers allocate every linear at that size). Each through compress, --stream, eval and eval of a compressed folder.
+DECLARED = {
+    "100000-layers": ({"num_hidden_layers": 100_000}, "config.json declares 100,000 layers (num_hidden_layers) but its "
+                                                      "weights hold 2: refused before building the model"),
+    "hidden-65536": ({"hidden_size": 65536}, "config.json declares hidden_size 65,536, larger than any tensor in its "
+                                             "weights (the largest dimension is 128)"),
+    "hidden-48": ({"hidden_size": 48}, "config.json declares hidden_size 48, but no tensor in its weights has that "
+                                       "dimension"),
+    "head-dim-2e9": ({"head_dim": 2**31}, "config.json declares head_dim 2,147,483,648, larger than any tensor"),
+}
+DECLARED_WRONG_SHAPE = {  # within the files' sizes but not theirs: the skeleton on the meta device against the headers
+    "intermediate-96": ({"intermediate_size": 96}, "holds weights of the wrong shape: 'model.layers.0.mlp.down_proj.weight' "
+                                                   "is (32, 64), the model needs (32, 96)"),
+}
+DECLARED.update(DECLARED_WRONG_SHAPE)
+
 # An index beside the weights that is garbage or not the folder's own: refused on every input path, never guessed
 # around (model.safetensors is there too, so a loader that ignored the index would give the right answer by luck).
 INDEX_DAMAGE = {
@@ -216,6 +244,8 @@ CASES = {
     **CHAT_TEMPLATE_ERRORS,
     **{f"weights-{damage}-{path}": message for damage, message in WEIGHT_DAMAGE.items()
        for path in ("compress", "stream", "eval")},
+    **{f"declared-{damage}-{path}": message for damage, (_, message) in DECLARED.items()
+       for path in ("compress", "stream", "eval", "compressed-eval")},
     **{f"index-{damage}-{path}": message for damage, message in INDEX_DAMAGE.items()
        for path in ("compress", "stream", "eval")},
     **{f"compressed-{damage}-eval": message for damage, message in COMPRESSED_DAMAGE.items()},

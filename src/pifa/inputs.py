@@ -158,3 +158,62 @@ def quiet_load_report() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+# config.json sizes that set how much a model built from it allocates; each must fit the tensors in the files
+SIZE_KEYS = ("hidden_size", "intermediate_size", "head_dim", "vocab_size")
+
+
+def stored_blocks(header: Header) -> int:
+    """The length of the longest numbered module list in ``header`` (``model.layers.0.``, ``h.11.``, ...):
+    how many blocks the files hold."""
+    lists: dict[str, set[int]] = {}
+    for name in header:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                lists.setdefault(".".join(parts[:i]), set()).add(int(part))
+                break
+    return max((len(indices) for indices in lists.values()), default=0)
+
+
+def _declared(config: Any, key: str) -> Any:
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 -- a property of an odd config may raise anything
+        return None
+
+
+def check_declared_sizes(config: Any, header: Header, source: str) -> None:
+    """One-line ``ValueError`` when ``config`` (a transformers config) declares a model the tensors in ``header``
+    cannot be: more layers (``num_hidden_layers``) than the files hold blocks, a ``hidden_size`` that is no
+    dimension of any tensor, or a size (``SIZE_KEYS``) larger than every tensor dimension. Checked from the
+    header alone, before a model is built: a config.json declaring 100,000 layers or a hidden size of 2^20
+    would otherwise allocate (or build on the meta device) for minutes before any other check could refuse it.
+    """
+    configs = [config]
+    text = getattr(config, "get_text_config", None)
+    try:
+        inner = text() if callable(text) else None
+    except Exception:  # noqa: BLE001
+        inner = None
+    if inner is not None and inner is not config:
+        configs.append(inner)
+    dims = {d for shape, _ in header.values() for d in shape}
+    largest = max(dims, default=0)
+    blocks = stored_blocks(header)
+    for cfg in configs:
+        layers = _declared(cfg, "num_hidden_layers")
+        if isinstance(layers, int) and not isinstance(layers, bool) and layers > blocks:
+            raise ValueError(f"{source}: config.json declares {layers:,} layers (num_hidden_layers) but its weights "
+                             f"hold {blocks}: refused before building the model")
+        for key in SIZE_KEYS:
+            value = _declared(cfg, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value > largest:
+                raise ValueError(f"{source}: config.json declares {key} {value:,}, larger than any tensor in its "
+                                 f"weights (the largest dimension is {largest:,}): refused before building the model")
+            if key == "hidden_size" and value not in dims:
+                raise ValueError(f"{source}: config.json declares hidden_size {value:,}, but no tensor in its weights "
+                                 f"has that dimension: refused before building the model")

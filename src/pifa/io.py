@@ -42,7 +42,7 @@ from .format import (
     sentinel_tensors,
     weight_files,
 )
-from .inputs import check_model_tensors
+from .inputs import check_declared_sizes, check_model_tensors
 from .layers import LAYER_KINDS, PivotLinear
 from .model import is_linear, linear_shape
 from .validate import parse_device, parse_dtype
@@ -397,6 +397,7 @@ def load_compressed(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not read {HF_CONFIG_NAME} of {str(path)!r}: {first}") from None
     _check_quantization_config(config, spec)
+    check_declared_sizes(config, header, f"compressed model {str(path)!r}")
     model = _build_skeleton(config, spec, load_dtype or _resolve_dtype(None, spec))
     # the uncompressed tensors too (embeddings, head, norms): present, of their shape and dtype kind, before any
     # tensor data is read

@@ -30,7 +30,7 @@ from torch import nn
 from . import distributed
 from .config import CompressionConfig
 from .format import INDEX_NAME, check_no_custom_code, compressed_modules, sentinel_tensors, weight_files
-from .inputs import check_model_tensors
+from .inputs import check_declared_sizes, check_model_tensors
 from .io import build_from_config, staged_directory, unique_tensors, write_metadata
 from .model import find_blocks
 from .report import CompressionReport
@@ -96,10 +96,11 @@ class WeightSource:
         return digest.hexdigest()
 
 
-def skeleton(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+def skeleton(folder: str | os.PathLike, dtype: torch.dtype, header: dict[str, Any] | None = None) -> nn.Module:
     """``folder``'s model with every parameter on the meta device and its computed buffers (rotary
     frequencies) real, built with ``dtype`` as the default dtype like ``from_pretrained``. No code
-    from the folder is ever run."""
+    from the folder is ever run. With the weights' ``header``, the config's declared sizes are checked
+    against it first (:func:`pifa.inputs.check_declared_sizes`)."""
     from transformers import AutoConfig
 
     check_no_custom_code(folder)
@@ -108,6 +109,8 @@ def skeleton(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not read the config of model {str(folder)!r}: {first}") from None
+    if header is not None:
+        check_declared_sizes(config, header, f"model {str(folder)!r}")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -194,7 +197,7 @@ class StreamedWeights(Residency):
     def __init__(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         self.source = WeightSource(folder)
         self.dtype = dtype or self.source.floating_dtype()
-        self.model = skeleton(folder, self.dtype)
+        self.model = skeleton(folder, self.dtype, self.source.header)
         # every tensor of every block, with its shape and dtype kind, before any block is read or compressed
         check_model_tensors(self.source.header, self.model, f"model {str(folder)!r}")
         self.blocks_name, self.blocks = find_blocks(self.model)

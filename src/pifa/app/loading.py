@@ -11,8 +11,8 @@ import transformers
 from torch import nn
 
 from ..format import check_no_custom_code, read_header, weight_files
-from ..inputs import check_header_fits, check_loading_info, quiet_load_report
-from ..io import model_class
+from ..inputs import check_declared_sizes, check_header_fits, check_loading_info, quiet_load_report
+from ..io import build_from_config, model_class
 from ..validate import parse_device, parse_dtype
 from .gguf import GGUF_SUFFIX, find_gguf, load_gguf
 
@@ -82,6 +82,8 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
             raise ValueError(f"model {model!r} carries custom code ('auto_map' in its config); "
                              "pifa never runs code from a model folder")
         cls = model_class(architectures or config.architectures)
+        if path.exists():  # sizes checked against the files before transformers allocates anything
+            check_sizes_before_loading(config, path, f"model {model!r}")
         # transformers' load report is checked below and refused in one line (a wrong shape too, which it would
         # otherwise refuse pointing at the report)
         with quiet_load_report():
@@ -103,6 +105,19 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
     except torch.OutOfMemoryError:
         raise ValueError(f"model {model!r} does not fit in the memory of {target}") from None
     return dense.eval(), tokenizer
+
+
+def check_sizes_before_loading(config: Any, folder: Path, source: str) -> None:
+    """What ``config`` declares against the headers of ``folder``'s weights, before the model is loaded: the
+    layer count and sizes (:func:`pifa.inputs.check_declared_sizes`), then every tensor of the model built on the
+    meta device (nothing allocated) that the files hold under its name, of its shape and dtype kind. A config
+    declaring a hidden size the files do not have would otherwise make transformers allocate every linear at
+    the declared size before it reports the mismatch."""
+    header = read_header(weight_files(folder))
+    check_declared_sizes(config, header, source)
+    with torch.device("meta"):
+        skeleton = build_from_config(config)
+    check_header_fits(header, skeleton, source)
 
 
 def check_complete(model: nn.Module, info: Any, folder: Path | None, source: str) -> None:
