@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import struct
 
 import pytest
 import torch
@@ -53,6 +54,8 @@ def _damage(root, dense, case):
         config = json.loads((folder / "config.json").read_text())
         config.update(DECLARED[case.removeprefix("declared-").rsplit("-", 1)[0].removesuffix("-compressed")][0])
         (folder / "config.json").write_text(json.dumps(config))
+    if case.startswith("gguf-"):
+        (root / "bomb.gguf").write_bytes(GGUF_BOMBS[case.rsplit("-", 1)[0]][0])
     if case.startswith("index-"):
         _damage_index(root, dense, case.removeprefix("index-").rsplit("-", 1)[0])
     if case.startswith("compressed-"):
@@ -101,6 +104,9 @@ def _damage(root, dense, case):
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"],
             "compressed-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"],
         }.items()},
+        **{f"{bomb}-{path}": argv for bomb in GGUF_BOMBS for path, argv in {
+            "compress": compress_argv(root / "bomb.gguf", out),
+            "eval": ["eval", str(root / "bomb.gguf"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
         **{f"index-{damage}-{path}": argv for damage in INDEX_DAMAGE for path, argv in {
             "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
@@ -142,6 +148,45 @@ DECLARED_WRONG_SHAPE = {  # within the files' sizes but not theirs: the skeleton
                                                    "is (32, 64), the model needs (32, 96)"),
 }
 DECLARED.update(DECLARED_WRONG_SHAPE)
+
+def _gguf(*metadata, tensors=b"", tensor_count=0):
+    """A GGUF v3 file of the given (already encoded) metadata pairs and tensor infos, and 256 bytes of data."""
+    return (b"GGUF" + struct.pack("<IQQ", 3, tensor_count, len(metadata)) + b"".join(metadata) + tensors
+            + b"\0" * 256)
+
+
+def _gguf_string(text):
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def _gguf_pair(key, value_type, payload):
+    return _gguf_string(key) + struct.pack("<I", value_type) + payload
+
+
+ARCHITECTURE = _gguf_pair("general.architecture", 8, _gguf_string("llama"))
+# GGUF headers whose counts claim more than the file holds (pifa's scan and transformers' reader both multiplied them
+# out: MemoryError, OverflowError), and a chat template of more than 1 MiB: refused from the header, before any read.
+GGUF_BOMBS = {
+    "gguf-array-count-2^40": (_gguf(_gguf_pair("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, 2**40)), ARCHITECTURE),
+                              "array count 1,099,511,627,776 needs at least 4,398,046,511,104 bytes"),
+    "gguf-array-count-2^62": (_gguf(ARCHITECTURE, _gguf_pair("tokenizer.ggml.token_type", 9,
+                                                             struct.pack("<IQ", 5, 2**62))),
+                              "array count 4,611,686,018,427,387,904 needs at least"),
+    "gguf-string-array-count-2^40": (_gguf(ARCHITECTURE, _gguf_pair("tokenizer.ggml.tokens", 9,
+                                                                    struct.pack("<IQ", 8, 2**40))),
+                                     "array count 1,099,511,627,776 needs at least 8,796,093,022,208 bytes"),
+    "gguf-metadata-count-2^62": (b"GGUF" + struct.pack("<IQQ", 3, 0, 2**62) + b"\0" * 256,
+                                 "metadata key count 4,611,686,018,427,387,904 needs at least"),
+    "gguf-tensor-beyond-file": (_gguf(ARCHITECTURE, tensor_count=1, tensors=_gguf_string("token_embd.weight")
+                                      + struct.pack("<I2QIQ", 2, 2**20, 2**20, 0, 0)),
+                                "tensor 'token_embd.weight' of shape (1048576, 1048576) claims 4,398,046,511,104 "
+                                "bytes at offset 0, beyond the end of the file"),
+    "gguf-chat-template-over-1mib": (_gguf(ARCHITECTURE, _gguf_pair("tokenizer.chat_template", 8,
+                                                                    _gguf_string("{# " + "x" * 2**20 + " #}"))),
+                                     "has a chat template of 1,048,582 characters, more than the 1,048,576 pifa "
+                                     "accepts"),
+}
 
 # An index beside the weights that is garbage or not the folder's own: refused on every input path, never guessed
 # around (model.safetensors is there too, so a loader that ignored the index would give the right answer by luck).
@@ -221,6 +266,8 @@ CHAT_TEMPLATES = {
     "chat-template-escapes-sandbox": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "chat-template-undefined": "{{ foo.bar.baz }}",
     "chat-template-divides-by-zero": "{{ 1 // 0 }}",
+    "chat-template-builds-2gb": "{{ 'x' * 2000000000 }}",  # the sandbox allows it: a memory limit refuses it
+    "chat-template-too-long": "{# " + "x" * 2**20 + " #}",
 }
 CHAT_TEMPLATE_ERRORS = {
     "chat-template-raises": "the tokenizer's chat template failed (TemplateError: this model does not chat)",
@@ -229,6 +276,10 @@ CHAT_TEMPLATE_ERRORS = {
                                      "'__class__' of 'str' object is unsafe.)",
     "chat-template-undefined": "the tokenizer's chat template failed (UndefinedError: 'foo' is undefined)",
     "chat-template-divides-by-zero": "the tokenizer's chat template failed (ZeroDivisionError",
+    "chat-template-builds-2gb": "the tokenizer's chat template needs more than 1 GiB of memory to render one "
+                                "conversation: refused",
+    "chat-template-too-long": "the tokenizer's chat template has 1,048,582 characters, more than the 1,048,576 pifa "
+                              "accepts",
 }
 
 LOCK_CASES = {
@@ -246,6 +297,7 @@ CASES = {
        for path in ("compress", "stream", "eval")},
     **{f"declared-{damage}-{path}": message for damage, (_, message) in DECLARED.items()
        for path in ("compress", "stream", "eval", "compressed-eval")},
+    **{f"{bomb}-{path}": message for bomb, (_, message) in GGUF_BOMBS.items() for path in ("compress", "eval")},
     **{f"index-{damage}-{path}": message for damage, message in INDEX_DAMAGE.items()
        for path in ("compress", "stream", "eval")},
     **{f"compressed-{damage}-eval": message for damage, message in COMPRESSED_DAMAGE.items()},
@@ -362,3 +414,21 @@ def test_an_index_linked_inside_the_folder_or_to_the_hub_cache_blobs_is_the_fold
     (snapshot / "real.json").write_text(blob.read_text())
     (snapshot / "model.safetensors.index.json").symlink_to("real.json")
     assert weight_files(snapshot) == [snapshot / "model-00001-of-00001.safetensors"]
+
+
+def test_a_chat_template_that_renders_for_ever_is_stopped(monkeypatch):
+    """The time limit behind ``chat-template-builds-2gb``'s memory limit: nested loops the sandbox allows (each
+    range below its 100,000 cap) run 10^10 steps; the render is stopped at the limit (30 s, here 0.5 s)."""
+    import time
+
+    import pifa.data
+    from helpers import char_tokenizer
+
+    tokenizer = char_tokenizer(64)
+    tokenizer.chat_template = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    monkeypatch.setattr(pifa.data, "CHAT_RENDER_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"^the tokenizer's chat template takes more than 0.5 s to render one "
+                                         r"conversation: refused$"):
+        pifa.data.render_chat(tokenizer, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 10

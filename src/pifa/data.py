@@ -6,12 +6,13 @@ datasets ``"wikitext2"`` / ``"c4"`` (only with the optional ``datasets`` package
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,21 +173,93 @@ def chat_documents(tokenizer: Any, texts: Sequence[str], prompts: Sequence[str] 
             for i, p in enumerate(paragraphs)]
 
 
+MAX_CHAT_TEMPLATE = 1 << 20  # characters of a chat template; the longest in use are tens of kB
+CHAT_RENDER_MEMORY = 1 << 30  # bytes one rendering of a chat template may allocate
+CHAT_RENDER_SECONDS = 30.0  # seconds one rendering may take (enforced in the main thread)
+MAX_CHAT_TEXT = 1 << 24  # characters of one rendered conversation
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_render() -> Iterator[None]:
+    """Limit what rendering a chat template may cost: ``CHAT_RENDER_MEMORY`` more bytes of address space
+    (``RLIMIT_AS``, Linux) and ``CHAT_RENDER_SECONDS`` of wall time (a timer, in the main thread only).
+    Jinja's sandbox stops a template from reaching outside, not from building a 2 GB string
+    (``'x' * 2000000000``) or looping for hours; with these limits such a template fails in the sandbox
+    instead, as a ``MemoryError`` or ``_RenderTimeout``. Where a limit cannot be set it is not."""
+    import signal
+    import threading
+
+    restore_limit = restore_timer = None
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as statm:
+            used = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = used + CHAT_RENDER_MEMORY
+        if (soft == resource.RLIM_INFINITY or soft > limit) and (hard == resource.RLIM_INFINITY or hard >= limit):
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+            restore_limit = (resource, soft, hard)
+    except (ImportError, OSError, ValueError):
+        pass
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def expire(signum: int, frame: Any) -> None:
+            raise _RenderTimeout()
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, CHAT_RENDER_SECONDS)
+        restore_timer = previous
+    try:
+        yield
+    finally:
+        if restore_timer is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, restore_timer)
+        if restore_limit is not None:
+            module, soft, hard = restore_limit
+            module.setrlimit(module.RLIMIT_AS, (soft, hard))
+
+
+def _template_sizes(tokenizer: Any) -> list[int]:
+    template = getattr(tokenizer, "chat_template", None)
+    templates = template.values() if isinstance(template, dict) else [template]
+    return [len(t) for t in templates if isinstance(t, str)]
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """``messages`` rendered with the tokenizer's chat template (transformers' Jinja sandbox).
 
     The template comes with the model and is input like any other: one that raises (``raise_exception``), has a
     syntax error, reaches for what the sandbox forbids, names something undefined or fails in any other way is a
-    one-line ``ValueError`` naming the error, never a traceback.
+    one-line ``ValueError`` naming the error, never a traceback. So is one longer than ``MAX_CHAT_TEMPLATE``
+    characters, one whose rendering needs more than ``CHAT_RENDER_MEMORY`` bytes or ``CHAT_RENDER_SECONDS``
+    seconds (see :func:`_bounded_render`), and a rendered conversation longer than ``MAX_CHAT_TEXT`` characters.
     """
+    longest = max(_template_sizes(tokenizer), default=0)
+    if longest > MAX_CHAT_TEMPLATE:
+        raise ValueError(f"the tokenizer's chat template has {longest:,} characters, more than the "
+                         f"{MAX_CHAT_TEMPLATE:,} pifa accepts")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        with _bounded_render():
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except MemoryError:
+        raise ValueError(f"the tokenizer's chat template needs more than {CHAT_RENDER_MEMORY / 2**30:g} GiB of memory "
+                         "to render one conversation: refused") from None
+    except _RenderTimeout:
+        raise ValueError(f"the tokenizer's chat template takes more than {CHAT_RENDER_SECONDS:g} s to render one "
+                         "conversation: refused") from None
     except Exception as exc:  # noqa: BLE001 -- jinja2's TemplateError family, or whatever the template's code raised
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"the tokenizer's chat template failed ({type(exc).__name__}"
                          + (f": {first}" if first else "") + ")") from None
     if not isinstance(text, str):
         raise ValueError(f"the tokenizer's chat template gave {type(text).__name__}, not text")
+    if len(text) > MAX_CHAT_TEXT:
+        raise ValueError(f"the tokenizer's chat template renders one conversation as {len(text):,} characters, more "
+                         f"than the {MAX_CHAT_TEXT:,} pifa accepts")
     return text
 
 

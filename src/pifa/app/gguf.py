@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from ..data import MAX_CHAT_TEMPLATE
 from ..inputs import check_loading_info, quiet_load_report
 
 GGUF_SUFFIX = ".gguf"
@@ -56,60 +57,144 @@ def find_gguf(path: str | Path) -> tuple[Path, str] | None:
     return (path, names[0]) if names else None
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise EOFError("file ends inside the GGUF header")
-    return data
 
 
-def _read_string(stream: BinaryIO) -> str:
-    (length,) = struct.unpack("<Q", _read_exact(stream, 8))
-    if length > _MAX_STRING:
-        raise EOFError(f"metadata string of {length} bytes")
-    return _read_exact(stream, length).decode("utf-8")
+class _HeaderReader:
+    """Reads a GGUF header, checking every length and count against the bytes left in the file before it reads
+    or allocates anything: a count of 2^40 or 2^62 elements is refused in one line, never multiplied out."""
 
+    def __init__(self, stream: BinaryIO, size: int) -> None:
+        self.stream, self.size = stream, size
 
-def _skip_value(stream: BinaryIO, value_type: int) -> None:
-    """Move past one metadata value of ``value_type`` without decoding it."""
-    if value_type in _SCALAR_BYTES:
-        _read_exact(stream, _SCALAR_BYTES[value_type])
-    elif value_type == 8:
-        _read_string(stream)
-    elif value_type == 9:
-        element_type, count = struct.unpack("<IQ", _read_exact(stream, 12))
-        if element_type in _SCALAR_BYTES:
-            _read_exact(stream, _SCALAR_BYTES[element_type] * count)
+    def left(self) -> int:
+        return self.size - self.stream.tell()
+
+    def exact(self, size: int) -> bytes:
+        if size > self.left():
+            raise EOFError(f"the header claims {size:,} bytes where {self.left():,} are left in the file")
+        data = self.stream.read(size)
+        if len(data) != size:
+            raise EOFError("file ends inside the GGUF header")
+        return data
+
+    def skip(self, size: int) -> None:
+        if size > self.left():
+            raise EOFError(f"the header claims {size:,} bytes where {self.left():,} are left in the file")
+        self.stream.seek(size, 1)
+
+    def count(self, what: str, count: int, each: int) -> int:
+        """``count`` items of at least ``each`` bytes must fit in what is left of the file."""
+        if count * each > self.left():
+            raise EOFError(f"{what} count {count:,} needs at least {count * each:,} bytes, {self.left():,} are left "
+                           "in the file")
+        return count
+
+    def string_length(self) -> int:
+        (length,) = struct.unpack("<Q", self.exact(8))
+        if length > min(_MAX_STRING, self.left()):
+            raise EOFError(f"metadata string of {length:,} bytes")
+        return length
+
+    def string(self) -> str:
+        return self.exact(self.string_length()).decode("utf-8")
+
+    def skip_value(self, value_type: int) -> None:
+        """Move past one metadata value of ``value_type`` without decoding it."""
+        if value_type in _SCALAR_BYTES:
+            self.skip(_SCALAR_BYTES[value_type])
+        elif value_type == 8:
+            self.skip(self.string_length())
+        elif value_type == 9:
+            element_type, count = struct.unpack("<IQ", self.exact(12))
+            if element_type in _SCALAR_BYTES:
+                self.skip(self.count("array", count, _SCALAR_BYTES[element_type]) * _SCALAR_BYTES[element_type])
+            elif element_type in (8, 9):
+                for _ in range(self.count("array", count, 8 if element_type == 8 else 12)):
+                    self.skip_value(element_type)
+            else:
+                raise EOFError(f"unknown metadata array element type {element_type}")
         else:
-            for _ in range(count):
-                _skip_value(stream, element_type)
-    else:
-        raise EOFError(f"unknown metadata value type {value_type}")
+            raise EOFError(f"unknown metadata value type {value_type}")
 
 
-def gguf_architecture(file: str | Path) -> str:
-    """The ``general.architecture`` a GGUF file declares (e.g. ``"llama"``), read from its header alone.
-
-    Cheap: stops at that key, which llama.cpp writes first. A file that is not GGUF, or whose header
-    is cut short or garbled, is a one-line ``ValueError``.
-    """
+def scan_gguf_header(file: str | Path) -> dict[str, Any]:
+    """Walk the whole GGUF header before anything else reads it: every metadata count and length against the
+    bytes left in the file, every tensor's dimensions and data against the file's size, the chat template's
+    length against ``MAX_CHAT_TEMPLATE``. Returns ``{"architecture": ..., "tensors": ..., "chat_template_chars":
+    ...}``; a file that is not GGUF, or whose header is garbled, cut short or claims more than the file holds,
+    is a one-line ``ValueError``. Seeks past values instead of reading them: cheap on any size of model."""
     file = Path(file)
+    found: dict[str, Any] = {"architecture": None, "tensors": 0, "chat_template_chars": 0}
     try:
         with file.open("rb") as stream:
             if stream.read(4) != GGUF_MAGIC:
                 raise ValueError(f"{str(file)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
-            version, _tensor_count, kv_count = struct.unpack("<IQQ", _read_exact(stream, 20))
+            header = _HeaderReader(stream, file.stat().st_size)
+            version, tensor_count, kv_count = struct.unpack("<IQQ", header.exact(20))
             if version not in _GGUF_VERSIONS:
                 raise ValueError(f"{str(file)!r} is GGUF version {version}; only versions 2 and 3 can be read")
+            header.count("metadata key", kv_count, 8 + 8 + 4 + 1)
+            header.count("tensor", tensor_count, 8 + 4 + 8 + 4 + 8)
             for _ in range(kv_count):
-                key = _read_string(stream)
-                (value_type,) = struct.unpack("<I", _read_exact(stream, 4))
-                if key == "general.architecture" and value_type == 8:
-                    return _read_string(stream)
-                _skip_value(stream, value_type)
+                key = header.string()
+                (value_type,) = struct.unpack("<I", header.exact(4))
+                if key == "general.architecture" and value_type == 8 and found["architecture"] is None:
+                    found["architecture"] = header.string()
+                elif key == "tokenizer.chat_template" and value_type == 8:
+                    length = header.string_length()
+                    if length > MAX_CHAT_TEMPLATE * 4:  # UTF-8: at most 4 bytes a character
+                        raise ValueError(f"GGUF file {str(file)!r} has a chat template of {length:,} bytes, more than "
+                                         f"the {MAX_CHAT_TEMPLATE:,} characters pifa accepts")
+                    found["chat_template_chars"] = chars = len(header.exact(length).decode("utf-8"))
+                    if chars > MAX_CHAT_TEMPLATE:
+                        raise ValueError(f"GGUF file {str(file)!r} has a chat template of {chars:,} characters, more "
+                                         f"than the {MAX_CHAT_TEMPLATE:,} pifa accepts")
+                else:
+                    header.skip_value(value_type)
+            data_bytes = []
+            for _ in range(tensor_count):
+                name = header.string()
+                (dims,) = struct.unpack("<I", header.exact(4))
+                if not 1 <= dims <= 8:
+                    raise EOFError(f"tensor {name!r} has {dims} dimensions")
+                shape = struct.unpack(f"<{dims}Q", header.exact(8 * dims))
+                tensor_type, offset = struct.unpack("<IQ", header.exact(12))
+                data_bytes.append((name, shape, tensor_type, offset))
+            found["tensors"] = tensor_count
+            _check_tensor_data(file, data_bytes, stream.tell(), header.size)
     except (EOFError, struct.error, UnicodeDecodeError, OSError) as exc:
         raise ValueError(f"GGUF file {str(file)!r} is corrupt or unreadable ({exc})") from None
-    raise ValueError(f"GGUF file {str(file)!r} declares no general.architecture")
+    if found["architecture"] is None:
+        raise ValueError(f"GGUF file {str(file)!r} declares no general.architecture")
+    return found
+
+
+def _check_tensor_data(file: Path, tensors: list[tuple[str, tuple[int, ...], int, int]], end: int, size: int) -> None:
+    """Each tensor's data (its element count in its type's blocks) lies inside the file, before any is read."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:  # the loader reports the missing package
+        return
+    start = end  # the data section starts at the end of the header or after it (aligned): a lower bound
+    for name, shape, tensor_type, offset in tensors:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+        except (ValueError, KeyError):
+            raise EOFError(f"tensor {name!r} has unknown type {tensor_type}") from None
+        elements = 1
+        for dim in shape:
+            elements *= dim
+        nbytes = elements // block * type_size
+        if elements % block or start + offset + nbytes > size:
+            raise EOFError(f"tensor {name!r} of shape {tuple(reversed(shape))} claims {nbytes:,} bytes at offset "
+                           f"{offset:,}, beyond the end of the file")
+
+
+def gguf_architecture(file: str | Path) -> str:
+    """The ``general.architecture`` a GGUF file declares (e.g. ``"llama"``), after :func:`scan_gguf_header` has
+    checked the whole header against the file's size. A file that is not GGUF, or whose header is cut short,
+    garbled or claims more than the file holds, is a one-line ``ValueError``."""
+    return scan_gguf_header(file)["architecture"]
 
 
 def require_gguf_support() -> None:
@@ -216,8 +301,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = "auto",
     folder, name = located
     file = folder / name
     dtype, device = _resolve(dtype, device)
+    architecture = gguf_architecture(file)  # the whole header checked against the file's size first
     require_gguf_support()
-    architecture = gguf_architecture(file)
     # transformers >= 5 may keep the blocks packed (GgufLinear); ask for plain dense weights. Older
     # versions have no GgufConfig and always dequantize.
     gguf_config = getattr(transformers, "GgufConfig", None)
