@@ -164,6 +164,7 @@ def _gguf_pair(key, value_type, payload):
     return _gguf_string(key) + struct.pack("<I", value_type) + payload
 
 
+NORM_TENSOR = _gguf_string("blk.0.attn_norm.weight") + struct.pack("<IQIQ", 1, 32, 0, 0)  # 32 float32 at 0
 ARCHITECTURE = _gguf_pair("general.architecture", 8, _gguf_string("llama"))
 # GGUF headers whose counts claim more than the file holds (pifa's scan and transformers' reader both multiplied them
 # out: MemoryError, OverflowError), and a chat template of more than 1 MiB: refused from the header, before any read.
@@ -182,6 +183,12 @@ GGUF_BOMBS = {
                                       + struct.pack("<I2QIQ", 2, 2**20, 2**20, 0, 0)),
                                 "tensor 'token_embd.weight' of shape (1048576, 1048576) claims 4,398,046,511,104 "
                                 "bytes at offset 0, beyond the end of the file"),
+    "gguf-100000-blocks": (_gguf(ARCHITECTURE, _gguf_pair("llama.block_count", 4, struct.pack("<I", 100_000)),
+                                 tensor_count=1, tensors=NORM_TENSOR),
+                           "declares 100,000 blocks (block_count) but holds tensors of 1: refused before building"),
+    "gguf-embedding-65536": (_gguf(ARCHITECTURE, _gguf_pair("llama.embedding_length", 4, struct.pack("<I", 65536)),
+                                   tensor_count=1, tensors=NORM_TENSOR),
+                             "declares embedding_length 65,536, but no tensor has that dimension"),
     "gguf-chat-template-over-1mib": (_gguf(ARCHITECTURE, _gguf_pair("tokenizer.chat_template", 8,
                                                                     _gguf_string("{# " + "x" * 2**20 + " #}"))),
                                      "has a chat template of 1,048,582 characters, more than the 1,048,576 pifa "

@@ -30,6 +30,7 @@ GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
 # metadata value types of fixed size -> bytes (u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64); 8 string, 9 array
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_INTEGER_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
 _MAX_STRING = 1 << 26  # a longer metadata string means a corrupt length field
 # model attributes transformers sets on a quantized model; none of them may survive a dequantized load
 _QUANT_ATTRIBUTES = ("hf_quantizer", "quantization_method")
@@ -140,6 +141,9 @@ def scan_gguf_header(file: str | Path) -> dict[str, Any]:
                 (value_type,) = struct.unpack("<I", header.exact(4))
                 if key == "general.architecture" and value_type == 8 and found["architecture"] is None:
                     found["architecture"] = header.string()
+                elif key.endswith((".block_count", ".embedding_length")) and value_type in _INTEGER_FORMATS:
+                    (found[key.rsplit(".", 1)[1]],) = struct.unpack(_INTEGER_FORMATS[value_type],
+                                                                    header.exact(_SCALAR_BYTES[value_type]))
                 elif key == "tokenizer.chat_template" and value_type == 8:
                     length = header.string_length()
                     if length > MAX_CHAT_TEMPLATE * 4:  # UTF-8: at most 4 bytes a character
@@ -161,12 +165,28 @@ def scan_gguf_header(file: str | Path) -> dict[str, Any]:
                 tensor_type, offset = struct.unpack("<IQ", header.exact(12))
                 data_bytes.append((name, shape, tensor_type, offset))
             found["tensors"] = tensor_count
+            _check_declared(file, found, data_bytes)
             _check_tensor_data(file, data_bytes, stream.tell(), header.size)
     except (EOFError, struct.error, UnicodeDecodeError, OSError) as exc:
         raise ValueError(f"GGUF file {str(file)!r} is corrupt or unreadable ({exc})") from None
     if found["architecture"] is None:
         raise ValueError(f"GGUF file {str(file)!r} declares no general.architecture")
     return found
+
+
+def _check_declared(file: Path, found: dict[str, Any], tensors: list[tuple[str, tuple[int, ...], int, int]]) -> None:
+    """The block count and embedding length the header declares against its tensors (``blk.N.*``, their
+    dimensions): transformers builds the model from the declared sizes before it reads a tensor."""
+    blocks = len({name.split(".")[1] for name, *_ in tensors if name.startswith("blk.") and name.count(".") >= 2})
+    declared = found.get("block_count")
+    if tensors and isinstance(declared, int) and declared > blocks:
+        raise ValueError(f"GGUF file {str(file)!r} declares {declared:,} blocks (block_count) but holds tensors of "
+                         f"{blocks}: refused before building the model")
+    width = found.get("embedding_length")
+    dims = {dim for _, shape, *_ in tensors for dim in shape}
+    if tensors and isinstance(width, int) and width not in dims:
+        raise ValueError(f"GGUF file {str(file)!r} declares embedding_length {width:,}, but no tensor has that "
+                         "dimension: refused before building the model")
 
 
 def _check_tensor_data(file: Path, tensors: list[tuple[str, tuple[int, ...], int, int]], end: int, size: int) -> None:
