@@ -130,6 +130,13 @@ WEIGHT_DAMAGE = {
     "int32-header": "stores 'model.layers.0.mlp.up_proj.weight' as I32, but the model holds it as float32",
     "wrong-shape": "holds weights of the wrong shape: 'model.layers.0.mlp.up_proj.weight' is (3, 3), the model "
                    "needs (64, 32)",
+    # a shard's header lying about a tensor: a dtype or offsets its bytes do not fit (safetensors refuses the header),
+    # or the transposed shape (the same bytes)
+    "shard-header-dtype-lie": "model-00001-of-00002.safetensors' is not a readable safetensors file: Error while "
+                              "deserializing header: invalid shape, data type, or offset for tensor",
+    "shard-header-offsets-lie": "model-00001-of-00002.safetensors' is not a readable safetensors file",
+    "shard-header-shape-lie": "holds weights of the wrong shape: 'model.layers.0.mlp.up_proj.weight' is (32, 64), the "
+                              "model needs (64, 32)",
 }
 # Resource bombs: a config.json declaring sizes its weights cannot have, refused from the headers before any model is
 # built or allocated (100,000 layers took 100 s and 5.4 GB to refuse under --stream; a declared hidden size makes
@@ -241,7 +248,7 @@ def _damage_weights(dense, damage):
         tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].view(torch.int32)
     if damage == "wrong-shape":
         tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
-    if damage != "shard-missing":
+    if not damage.startswith("shard-"):
         save_file(tensors, dense / "model.safetensors", metadata={"format": "pt"})
         return
     (dense / "model.safetensors").unlink()  # two shards and an index; the second lacks a tensor the index lists
@@ -249,8 +256,24 @@ def _damage_weights(dense, damage):
     shards = {name: f"model-0000{1 + (i >= 10)}-of-00002.safetensors" for i, name in enumerate(names)}
     for shard in sorted(set(shards.values())):
         save_file({name: tensors[name] for name in names if shards[name] == shard
-                   and name != "model.layers.1.self_attn.v_proj.weight"}, dense / shard, metadata={"format": "pt"})
+                   and (damage != "shard-missing" or name != "model.layers.1.self_attn.v_proj.weight")},
+                  dense / shard, metadata={"format": "pt"})
     (dense / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    if damage.startswith("shard-header-"):  # the first shard's header lies about a tensor its bytes hold
+        _edit_header(dense / shards["model.layers.0.mlp.up_proj.weight"], "model.layers.0.mlp.up_proj.weight",
+                     {"shard-header-dtype-lie": {"dtype": "BF16"}, "shard-header-shape-lie": {"shape": [32, 64]},
+                      "shard-header-offsets-lie": {"data_offsets": [0, 8]}}[damage])
+
+
+def _edit_header(file, key, change):
+    """Rewrite one entry of a safetensors header in place (the bytes after it untouched)."""
+    data = file.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header[key].update(change)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
 
 
 def _damage_compressed(comp, damage):
