@@ -112,6 +112,8 @@ def _damage(root, dense, case):
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
         **{f"compressed-{damage}-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]
            for damage in COMPRESSED_DAMAGE},
+        "sensitivity-cache-unwritable": compress_argv(dense, out, "--allocation", "sensitivity",
+                                                      "--sensitivity-cache", "/proc/pifa-sensitivity-cache.json"),
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
         "eval-seq-len-beyond-model": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "4096"],
         "eval-seq-len-beyond-text": ["eval", str(dense), "--ppl", str(root / "short.txt"), "--seq-len", "32"],
@@ -346,6 +348,8 @@ CASES = {
     "existing-output": "already exists",
     "auto-chat-short-text": "fewer than 200 characters to wrap in the chat template (--calib-format auto chose chat: "
                             "the tokenizer has a chat template; pass --calib-format text to calibrate on plain text)",
+    # checked by creating the file it is written through, before anything is measured (root passes os.access)
+    "sensitivity-cache-unwritable": "sensitivity cache '/proc/pifa-sensitivity-cache.json'",
     "eval-missing-text": "is not a file, a folder or a known dataset",
     "eval-seq-len-beyond-model": "longer than the model's context",
     "eval-seq-len-beyond-text": "seq_len",
@@ -462,3 +466,38 @@ def test_a_chat_template_that_renders_for_ever_is_stopped(monkeypatch):
                                          r"conversation: refused$"):
         pifa.data.render_chat(tokenizer, [{"role": "user", "content": "hi"}])
     assert time.monotonic() - start < 10
+
+
+def test_a_full_disk_under_the_sensitivity_cache_keeps_the_measurements(env, tmp_path, monkeypatch, capsys):
+    """The disk fills after measuring: one line naming the cache, the error and where the measurements went; that
+    copy is a cache a rerun reuses (nothing measured is lost)."""
+    import errno
+    import pathlib
+    import tempfile
+
+    import pifa
+
+    root, dense = env
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare"))
+    (tmp_path / "spare").mkdir()
+    write_text = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith(".cache.json.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    argv = compress_argv(dense, root / "out", "--allocation", "sensitivity", "--sensitivity-cache",
+                         str(root / "cache.json"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars, then the one error line
+    assert not any("Traceback" in line for line in err) and sum(": error: " in line for line in err) == 1, err
+    err = err[-1:]
+    assert err[0].startswith(f"pifa compress: error: could not write sensitivity cache {str(root / 'cache.json')!r} "
+                             "(No space left on device); the measurements so far are saved in "), err
+    spare = sorted((tmp_path / "spare").iterdir())
+    assert len(spare) == 1 and repr(str(spare[0])) in err[0]
+    assert sum(len(rows) for rows in pifa.SensitivityCache(spare[0]).store.values()) > 0
+    assert not (root / "out").exists() and not (root / "cache.json").exists()
+    assert not any(p.name.startswith(".cache.json.tmp") for p in root.iterdir())

@@ -20,11 +20,13 @@ seconds and block forward passes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,29 @@ class SensitivityCache:
             raise ValueError(f"sensitivity cache {str(path)!r}: its directory does not exist or is not writable")
         if self.path.exists():
             self.store = self._read(self.path)
+        self._probe()
+
+    def _tmp(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+
+    def _probe(self) -> None:
+        """Create (and remove) the file :meth:`flush` writes through, before anything is measured: ``os.access``
+        says yes to root in a read-only folder, and on a read-only or full file system."""
+        tmp = self._tmp()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                os.write(fd, b"{}\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ValueError(f"sensitivity cache {str(self.path)!r} is not writable ({exc.strerror or exc}): refused "
+                             "before measuring anything") from None
+        finally:
+            with contextlib.suppress(OSError):
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink()
 
     def start(self, key: str) -> None:
         if key != self.key:
@@ -120,12 +145,26 @@ class SensitivityCache:
             return
         keys = {key: [[*entry, kl] for entry, kl in sorted(rows.items())] for key, rows in self.store.items() if rows}
         text = json.dumps({"format": self.FORMAT, "version": self.VERSION, "keys": keys}) + "\n"
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp = self._tmp()
         try:
             tmp.write_text(text)
             os.replace(tmp, self.path)
+        except OSError as exc:  # a full disk, a folder turned read-only: keep the measurements elsewhere
+            raise ValueError(f"could not write sensitivity cache {str(self.path)!r} ({exc.strerror or exc}); "
+                             f"{self._fallback(text)}") from None
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _fallback(self, text: str) -> str:
+        """Write the measurements to a new file in the temporary folder; say where (or that they could not be)."""
+        try:
+            fd, name = tempfile.mkstemp(prefix="pifa-sensitivity-cache-", suffix=".json")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+        except OSError as exc:
+            return f"the measurements could not be saved elsewhere either ({exc.strerror or exc})"
+        return (f"the measurements so far are saved in {name!r}: move it there (or pass it as --sensitivity-cache) "
+                "and rerun to reuse them")
 
 
 def _kl(dense_logp: torch.Tensor, logits: torch.Tensor) -> float:
