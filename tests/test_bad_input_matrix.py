@@ -112,6 +112,7 @@ def _damage(root, dense, case):
             "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
         **{f"compressed-{damage}-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]
            for damage in COMPRESSED_DAMAGE},
+        **{case: compress_argv(dense, out) for case in DIST_ENV},
         "sensitivity-cache-unwritable": compress_argv(dense, out, "--allocation", "sensitivity",
                                                       "--sensitivity-cache", "/proc/pifa-sensitivity-cache.json"),
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
@@ -377,9 +378,43 @@ def _snapshot(root):
     return seen
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+# torch.distributed set up by hand, without torchrun: a rank that never starts, no rendezvous address, a timeout that
+# is no number of seconds (cases run with these environment variables; the rendezvous waits 2 s)
+DIST_ENV = {
+    "dist-timeout-negative": {"WORLD_SIZE": "2", "RANK": "0", "PIFA_DIST_TIMEOUT": "-5"},
+    "dist-timeout-inf": {"WORLD_SIZE": "2", "RANK": "0", "PIFA_DIST_TIMEOUT": "inf"},
+    "dist-no-master-address": {"WORLD_SIZE": "2", "RANK": "0"},
+    "dist-other-rank-never-starts": {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                     "PIFA_DIST_TIMEOUT": "2"},
+    "dist-rank-0-never-starts": {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "PIFA_DIST_TIMEOUT": "2"},
+}
+DIST_ERRORS = {
+    "dist-timeout-negative": "PIFA_DIST_TIMEOUT='-5' must be a number of seconds above 0 and at most 604800",
+    "dist-timeout-inf": "PIFA_DIST_TIMEOUT='inf' must be a number of seconds above 0",
+    "dist-no-master-address": "could not join the torch.distributed process group (WORLD_SIZE=2, RANK=0): ValueError: "
+                              "Error initializing torch.distributed using env:// rendezvous: environment variable "
+                              "MASTER_ADDR expected, but not set (start every rank with torchrun",
+    "dist-other-rank-never-starts": "within 2 s: DistStoreError: Timed out after",
+    "dist-rank-0-never-starts": "within 2 s: DistNetworkError:",
+}
+CASES.update(DIST_ERRORS)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input(env, case, capsys):
+def test_bad_input(env, case, capsys, monkeypatch):
     root, dense = env
+    for key, value in DIST_ENV.get(case, {}).items():
+        monkeypatch.setenv(key, value)
+    if "MASTER_ADDR" in DIST_ENV.get(case, {}):
+        monkeypatch.setenv("MASTER_PORT", _free_port())
     argv = _damage(root, dense, case)
     before, contents = sorted(p.name for p in root.iterdir()), _snapshot(root)
     assert main(argv) == 2

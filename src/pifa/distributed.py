@@ -58,14 +58,42 @@ def init_from_environment(device: torch.device) -> None:
     """
     if not launched() or dist.is_initialized():
         return
-    try:
-        timeout = float(os.environ.get(TIMEOUT_ENV, "1800"))
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
+    timeout = dist_timeout()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as exc:  # DistStoreError (a rank that never came), no MASTER_ADDR, ...
+        raise ValueError(join_error(exc, timeout)) from None
+
+
+MAX_TIMEOUT = 7 * 86400.0
+
+
+def dist_timeout() -> float:
+    """``PIFA_DIST_TIMEOUT`` in seconds (default 1800): a finite number in (0, one week]; else a one-line
+    ``ValueError`` (``timedelta`` overflows on ``inf``, and a negative timeout would make every wait fail at once)."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        timeout = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not 0 < timeout <= MAX_TIMEOUT:  # false for nan too
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds above 0 and at most {MAX_TIMEOUT:g} "
+                         "(one week)")
+    return timeout
+
+
+def join_error(exc: BaseException, timeout: float) -> str:
+    """The one line for a process that could not join the process group its environment describes."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    where = ", ".join(f"{key}={os.environ[key]}" for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
+                      if key in os.environ)
+    waited = f" within {timeout:g} s" if "time" in first.lower() else ""
+    return (f"could not join the torch.distributed process group ({where}){waited}: "
+            f"{type(exc).__name__}: {first} (start every rank with torchrun --nproc-per-node N -m pifa ...; "
+            f"{TIMEOUT_ENV} sets the wait)")
 
 
 def local_device(device: torch.device) -> torch.device:
