@@ -56,6 +56,8 @@ def _damage(root, dense, case):
         (folder / "config.json").write_text(json.dumps(config))
     if case.startswith("gguf-"):
         (root / "bomb.gguf").write_bytes(GGUF_BOMBS[case.rsplit("-", 1)[0]][0])
+    if case in REPORTS:
+        (root / "results.json").write_text(REPORTS[case][0])
     if case.startswith("index-"):
         _damage_index(root, dense, case.removeprefix("index-").rsplit("-", 1)[0])
     if case.startswith("compressed-"):
@@ -113,6 +115,7 @@ def _damage(root, dense, case):
         **{f"compressed-{damage}-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]
            for damage in COMPRESSED_DAMAGE},
         **{case: compress_argv(dense, out) for case in DIST_ENV},
+        **{case: ["report", str(root / "results.json"), "--out", str(root / "report")] for case in REPORTS},
         "sensitivity-cache-unwritable": compress_argv(dense, out, "--allocation", "sensitivity",
                                                       "--sensitivity-cache", "/proc/pifa-sensitivity-cache.json"),
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
@@ -203,6 +206,27 @@ GGUF_BOMBS = {
                                                                     _gguf_string("{# " + "x" * 2**20 + " #}"))),
                                      "has a chat template of 1,048,582 characters, more than the 1,048,576 pifa "
                                      "accepts"),
+}
+
+BIG = 10**400 + 7  # a 401-digit integer: valid JSON, but float() overflows (plotting raised OverflowError)
+SPEED_ROW = {"dtype": "float32", "tokens": 1, "dense_ms": 1.0}
+REPORTS = {  # pifa report on results files built to break it: (file text, the one line)
+    "report-deeply-nested": ("[" * 100_000 + "]" * 100_000, "nests its JSON too deeply to be a pifa results file"),
+    "report-deeply-nested-inside-a-row": (
+        json.dumps({"rows": [{"method": "svd", "density": 0.5}]})[:-3] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}]}",
+        "nests its JSON too deeply"),
+    "report-400-digit-density": (json.dumps({"rows": [{"method": "svd", "density": BIG}]}),
+                                 "needs a 'method' name and a numeric 'density' (a finite number; it has (an integer "
+                                 "of 401 digits))"),
+    "report-400-digit-perplexity": (json.dumps({"rows": [{"method": "svd", "density": 0.5, "heldout": {"ppl": BIG}}]}),
+                                    "row 0 has a non-numeric heldout_ppl (an integer of 401 digits) (a finite number "
+                                    "is needed)"),
+    "report-400-digit-speedup": (json.dumps({"kind": "bench-layer", "rows": [{**SPEED_ROW, "dense/pifa": BIG}]}),
+                                 "row 0 has a non-numeric dense/pifa (an integer of 401 digits)"),
+    "report-infinite-speedup": (json.dumps({"kind": "bench-layer", "rows": [{**SPEED_ROW, "speedup": float("inf")}]}),
+                                "row 0 has a non-numeric speedup inf"),
+    "report-5000-digit-integer": ('{"rows": [{"method": "svd", "density": ' + "9" * 5000 + "}]}",
+                                  "is not valid JSON: Exceeds the limit (4300 digits)"),
 }
 
 # An index beside the weights that is garbage or not the folder's own: refused on every input path, never guessed
@@ -349,6 +373,7 @@ CASES = {
     "existing-output": "already exists",
     "auto-chat-short-text": "fewer than 200 characters to wrap in the chat template (--calib-format auto chose chat: "
                             "the tokenizer has a chat template; pass --calib-format text to calibrate on plain text)",
+    **{case: message for case, (_, message) in REPORTS.items()},
     # checked by creating the file it is written through, before anything is measured (root passes os.access)
     "sensitivity-cache-unwritable": "sensitivity cache '/proc/pifa-sensitivity-cache.json'",
     "eval-missing-text": "is not a file, a folder or a known dataset",

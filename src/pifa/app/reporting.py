@@ -8,6 +8,7 @@ Understood inputs: quality sweeps (``{"rows": [{"model", "method", "density", ..
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,20 @@ def _plots(kind: str, rows: list[dict[str, Any]], out: Path, stem: str) -> list[
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float that converts to a float (a 400-digit integer does not: OverflowError in plotting)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"(an integer of {len(str(abs(value)))} digits)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _checked_rows(kind: str, data: dict[str, Any], name: str) -> list[dict[str, Any]]:
@@ -222,14 +236,16 @@ def _checked_rows(kind: str, data: dict[str, Any], name: str) -> list[dict[str, 
         if kind == "quality":
             if not isinstance(row.get("method"), str) or not _is_number(row.get("density")):
                 raise ValueError(f"{name!r}: row {i} of the quality sweep needs a 'method' name "
-                                 "and a numeric 'density'")
+                                 f"and a numeric 'density' (a finite number; it has {_shown(row.get('density'))})")
             for metric in [f"{k}_ppl" if sub else k for k, sub in QUALITY_METRICS]:
                 if metric in row and not _is_number(row[metric]):
-                    raise ValueError(f"{name!r}: row {i} has a non-numeric {metric} {row[metric]!r}")
+                    raise ValueError(f"{name!r}: row {i} has a non-numeric {metric} {_shown(row[metric])} "
+                                     "(a finite number is needed)")
         if kind in ("bench-layer", "bench-model", "demo"):
             for key, value in row.items():
                 if key.endswith(("/pifa", "_x", "speedup")) and not _is_number(value):
-                    raise ValueError(f"{name!r}: row {i} has a non-numeric {key} {value!r}")
+                    raise ValueError(f"{name!r}: row {i} has a non-numeric {key} {_shown(value)} "
+                                     "(a finite number is needed)")
     return rows
 
 
@@ -249,8 +265,11 @@ def write_report(results: list[str], out: str) -> Path:
             raise ValueError(f"results file {name!r} does not exist")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{name!r} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"{name!r} nests its JSON too deeply to be a pifa results file") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer beyond Python's 4300 digits
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ValueError(f"{name!r} is not valid JSON: {first}") from None
         kind = _kind(data, path)
         loaded.append((path, kind, _checked_rows(kind, data, name)))
     if out_dir.exists() and not out_dir.is_dir():
