@@ -56,6 +56,12 @@ def _damage(root, dense, case):
         (folder / "config.json").write_text(json.dumps(config))
     if case.startswith("gguf-"):
         (root / "bomb.gguf").write_bytes(GGUF_BOMBS[case.rsplit("-", 1)[0]][0])
+    if case.startswith("nested-"):  # a valid JSON file with one key nested 100,000 deep (RecursionError in json)
+        target = {"nested-pifa-config": root / "comp" / "pifa_config.json", "nested-config": dense / "config.json",
+                  "nested-tokenizer-config": dense / "tokenizer_config.json",
+                  "nested-calibration-jsonl": root / "calib.jsonl"}[case.rsplit("-", 1)[0]]
+        text = target.read_text() if target.exists() else '{"text": "the quick brown fox"}\n'
+        target.write_text(text.strip()[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     if case in REPORTS:
         (root / "results.json").write_text(REPORTS[case][0])
     if case.startswith("index-"):
@@ -116,6 +122,13 @@ def _damage(root, dense, case):
            for damage in COMPRESSED_DAMAGE},
         **{case: compress_argv(dense, out) for case in DIST_ENV},
         **{case: ["report", str(root / "results.json"), "--out", str(root / "report")] for case in REPORTS},
+        "nested-pifa-config-info": ["info", str(root / "comp")],
+        "nested-pifa-config-eval": ["eval", str(root / "comp"), "--ppl", str(root / "calib.txt"), "--seq-len", "16"],
+        **{f"nested-{name}-{path}": argv for name in ("config", "tokenizer-config") for path, argv in {
+            "compress": compress_argv(dense, out), "stream": compress_argv(dense, out, "--stream"),
+            "eval": ["eval", str(dense), "--ppl", str(root / "calib.txt"), "--seq-len", "16"]}.items()},
+        "nested-calibration-jsonl-compress": compress_argv(dense, out)[:4] + [str(root / "calib.jsonl")]
+        + compress_argv(dense, out)[5:],
         "sensitivity-cache-unwritable": compress_argv(dense, out, "--allocation", "sensitivity",
                                                       "--sensitivity-cache", "/proc/pifa-sensitivity-cache.json"),
         "eval-missing-text": ["eval", str(dense), "--ppl", str(root / "nope.txt"), "--seq-len", "16"],
@@ -262,6 +275,10 @@ COMPRESSED_DAMAGE = {
     "missing-layer-norm": "lacks weights the model needs: 'model.layers.1.input_layernorm.weight'",
     "int32-embeddings": "stores 'model.embed_tokens.weight' as I32, but the model holds it as float32",
     "wrong-shape-norm": "holds weights of the wrong shape: 'model.norm.weight' is (7,), the model needs (32,)",
+    # 16 MiB where the model needs 16 KiB: refused from the header, before the tensor is read (was a RuntimeError from
+    # load_compressed and a traceback from eval)
+    "big-wrong-shape-embeddings": "holds weights of the wrong shape: 'model.embed_tokens.weight' is (2048, 2048), the "
+                                  "model needs (128, 32)",
 }
 
 
@@ -314,6 +331,8 @@ def _damage_compressed(comp, damage):
         tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].view(torch.int32)
     if damage == "wrong-shape-norm":
         tensors["model.norm.weight"] = torch.zeros(7)
+    if damage == "big-wrong-shape-embeddings":
+        tensors["model.embed_tokens.weight"] = torch.zeros(2048, 2048)
     save_file(tensors, comp / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -374,6 +393,11 @@ CASES = {
     "auto-chat-short-text": "fewer than 200 characters to wrap in the chat template (--calib-format auto chose chat: "
                             "the tokenizer has a chat template; pass --calib-format text to calibrate on plain text)",
     **{case: message for case, (_, message) in REPORTS.items()},
+    **{f"nested-pifa-config-{path}": "/comp' nests its JSON too deeply to be a pifa config" for path in ("info", "eval")},
+    **{f"nested-config-{path}": "config.json of model folder '" for path in ("compress", "stream", "eval")},
+    **{f"nested-tokenizer-config-{path}": "tokenizer_config.json of model folder" for path in ("compress", "stream",
+                                                                                              "eval")},
+    "nested-calibration-jsonl-compress": "calib.jsonl: line 1 nests its JSON too deeply",
     # checked by creating the file it is written through, before anything is measured (root passes os.access)
     "sensitivity-cache-unwritable": "sensitivity cache '/proc/pifa-sensitivity-cache.json'",
     "eval-missing-text": "is not a file, a folder or a known dataset",
@@ -561,3 +585,15 @@ def test_a_full_disk_under_the_sensitivity_cache_keeps_the_measurements(env, tmp
     assert sum(len(rows) for rows in pifa.SensitivityCache(spare[0]).store.values()) > 0
     assert not (root / "out").exists() and not (root / "cache.json").exists()
     assert not any(p.name.startswith(".cache.json.tmp") for p in root.iterdir())
+
+
+def test_load_compressed_refuses_a_deeply_nested_pifa_config_with_a_value_error(env):
+    """The Python API's side of ``nested-pifa-config-*``: ValueError with one line, not RecursionError."""
+    from pifa import load_compressed
+
+    root, _ = env
+    config = root / "comp" / "pifa_config.json"
+    config.write_text(config.read_text().strip()[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="nests its JSON too deeply to be a pifa config$") as info:
+        load_compressed(root / "comp")
+    assert "\n" not in str(info.value)

@@ -77,7 +77,7 @@ class Checkpoint:
         if progress.exists():
             try:
                 state = json.loads(progress.read_text())
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise ValueError(f"checkpoint {str(directory)!r} is unreadable ({PROGRESS}: {exc}); "
                                  "run without --resume to start afresh") from None
             if not isinstance(state, dict) or not isinstance(state.get("blocks"), dict):

@@ -52,6 +52,10 @@ def _jsonl_texts(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+        except RecursionError:
+            raise ValueError(f"{path}: line {lineno} nests its JSON too deeply") from None
+        except ValueError as exc:  # an integer beyond Python's 4300 digits
+            raise ValueError(f"{path}: line {lineno} is not valid JSON ({str(exc)[:100]})") from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{path}: line {lineno} has no string 'text' field")

@@ -105,8 +105,11 @@ def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
     weight_files(path)
     try:
         spec = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{CONFIG_NAME} in {str(path)!r} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{CONFIG_NAME} in {str(path)!r} nests its JSON too deeply to be a pifa config") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer beyond Python's 4300 digits
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{CONFIG_NAME} in {str(path)!r} is not valid JSON: {first}") from None
     version = spec.get("format_version") if isinstance(spec, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(f"unknown {CONFIG_NAME} format_version {version!r} (this pifa reads {FORMAT_VERSION})")
@@ -344,6 +347,8 @@ def custom_code_marker(path: str | os.PathLike) -> str | None:
             if not file.is_file() or file.stat().st_size > 16 * 2**20:
                 continue
             data = json.loads(file.read_text(encoding="utf-8", errors="replace"))
+        except RecursionError:  # cannot be read as data here, and transformers would fail on it too: refused
+            raise ValueError(f"{name} of model folder {str(path)!r} nests its JSON too deeply") from None
         except (OSError, ValueError):
             continue  # unreadable or not JSON: the loader reports it
         if isinstance(data, dict) and ("auto_map" in data or "custom_pipelines" in data):

@@ -393,7 +393,7 @@ def load_compressed(
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:  # unreadable JSON, unknown model_type, ...
+    except (OSError, ValueError, KeyError, RecursionError) as exc:  # unreadable or too deep JSON, unknown model_type
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not read {HF_CONFIG_NAME} of {str(path)!r}: {first}") from None
     _check_quantization_config(config, spec)

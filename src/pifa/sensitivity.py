@@ -122,7 +122,7 @@ class SensitivityCache:
         problem = f"{str(path)!r} is not a pifa sensitivity cache"
         try:
             data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ValueError(f"{problem} ({type(exc).__name__})") from None
         if not isinstance(data, dict) or data.get("format") != cls.FORMAT or not isinstance(data.get("keys"), dict):
             raise ValueError(problem)

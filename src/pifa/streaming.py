@@ -106,7 +106,7 @@ def skeleton(folder: str | os.PathLike, dtype: torch.dtype, header: dict[str, An
     check_no_custom_code(folder)
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not read the config of model {str(folder)!r}: {first}") from None
     if header is not None:

@@ -384,7 +384,7 @@ def _fidelity(model: Any, tokenizer: Any, args: argparse.Namespace, device: str)
     if dense_path is None and report.is_file():
         try:
             recorded = json.loads(report.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ValueError(f"{str(report)!r} is not valid JSON ({exc}); pass --dense") from None
         config = recorded.get("config") if isinstance(recorded, dict) else None
         dense_path = config.get("source") if isinstance(config, dict) else None

@@ -39,6 +39,8 @@ def _local_architectures(path: Path) -> Any:
     """``architectures`` of a local config.json (read as data, never as code)."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"config.json of model {str(path)!r} nests its JSON too deeply") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"config.json of model {str(path)!r} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
