@@ -597,3 +597,48 @@ def test_load_compressed_refuses_a_deeply_nested_pifa_config_with_a_value_error(
     with pytest.raises(ValueError, match="nests its JSON too deeply to be a pifa config$") as info:
         load_compressed(root / "comp")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "stream"])
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_the_disk_filling_while_a_checkpoint_block_is_written_is_one_line_and_keeps_the_checkpoint(
+        env, monkeypatch, capsys, stream, error):
+    """Block 1's checkpoint write fails as on a full disk (safetensors' own error, or ENOSPC): one line naming it,
+    exit 2, block 0 kept in the checkpoint (no temporary file), no output, no lock; ``--resume`` then finishes."""
+    import errno
+
+    import safetensors
+
+    import pifa.checkpoint
+
+    root, dense = env
+    write = pifa.checkpoint.write_safetensors
+    calls = []
+
+    def full_disk(module, file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) == 2:
+            (file.parent / file.name).write_bytes(b"partial")  # what a write cut short leaves
+            if error == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                              'message: "No space left on device" })')
+        return write(module, file, *args, **kwargs)
+
+    monkeypatch.setattr(pifa.checkpoint, "write_safetensors", full_disk)
+    argv = compress_argv(dense, root / "out", *(["--stream"] if stream else []))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    checkpoint = root / "out.pifa-checkpoint"
+    assert err[-1].startswith(f"pifa compress: error: could not write block 1 to checkpoint {str(checkpoint)!r} ("), err
+    assert err[-1].endswith("); the checkpoint keeps the 1 block saved before it: free some space and rerun with "
+                            "--resume"), err
+    assert "No space left on device" in err[-1]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["block_0000.safetensors", "progress.json"]
+    assert list(json.loads((checkpoint / "progress.json").read_text())["blocks"]) == ["0"]
+    assert not (root / "out").exists() and not (root / "out.pifa-lock").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".out.")]
+    monkeypatch.undo()
+    assert main(argv + ["--resume"]) == 0
+    assert (root / "out" / "pifa_config.json").is_file() and not checkpoint.exists()

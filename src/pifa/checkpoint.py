@@ -56,6 +56,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointWriteError(ValueError):
+    """A block could not be saved (full disk, ...): the run stops, and the checkpoint is kept for ``--resume``."""
+
+
 class Checkpoint:
     def __init__(self, directory: Path, state: dict[str, Any]) -> None:
         self.directory, self.state = directory, state
@@ -93,14 +97,29 @@ class Checkpoint:
         return str(index) in self.finished and (self.directory / f"block_{index:04d}.safetensors").exists()
 
     def save_block(self, index: int, block: nn.Module, prefix: str, reports: list[ModuleReport]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Save a finished block: its tensors, then ``progress.json`` listing it (each written under a temporary
+        name and renamed). A failed write (a full disk) is a :class:`CheckpointWriteError`; the checkpoint keeps
+        the blocks saved before, untouched, and no temporary file."""
         tmp = self.directory / f"block_{index:04d}.safetensors.tmp"
-        write_safetensors(block, tmp)
-        os.replace(tmp, self.directory / f"block_{index:04d}.safetensors")
         specs = compressed_modules(block)
         mine = [asdict(r) for r in reports if r.name.startswith(prefix + ".")]
-        self.state["blocks"][str(index)] = {"modules": specs, "reports": mine}
-        _write_atomic(self.directory / PROGRESS, json.dumps(self.state, indent=1).encode())
+        state = {**self.state, "blocks": {**self.state["blocks"], str(index): {"modules": specs, "reports": mine}}}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_safetensors(block, tmp)
+            os.replace(tmp, self.directory / f"block_{index:04d}.safetensors")
+            _write_atomic(self.directory / PROGRESS, json.dumps(state, indent=1).encode())
+        except (OSError, safetensors.SafetensorError) as exc:
+            for leftover in (tmp, (self.directory / PROGRESS).with_name(PROGRESS + ".tmp")):
+                leftover.unlink(missing_ok=True)
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+                (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+            saved = len(self.state["blocks"])
+            raise CheckpointWriteError(
+                f"could not write block {index} to checkpoint {str(self.directory)!r} ({detail}); the checkpoint "
+                f"keeps the {saved} block{'s' if saved != 1 else ''} saved before it: free some space and rerun with "
+                "--resume") from None
+        self.state = state
 
     def restore_block(self, index: int, block: nn.Module, prefix: str) -> list[ModuleReport]:
         """Swap the saved compressed layers into ``block`` and load its tensors."""

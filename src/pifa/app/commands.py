@@ -21,6 +21,7 @@ import torch
 
 from .. import distributed
 from ..budget import check_density, layer_parameters
+from ..checkpoint import CheckpointWriteError
 from ..compress import compress, plan
 from ..config import CompressionConfig
 from ..data import MAX_CALIBRATION_TOKENS, calibration_batches, calibration_format, chat_documents, load_texts
@@ -259,6 +260,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             else:
                 report = compress(model, config, calib, device=device, batch_size=args.batch_size,
                                   checkpoint_dir=str(checkpoint), progress=main, sensitivity_cache=cache)
+        except CheckpointWriteError:  # the disk filled while a block was saved: the checkpoint keeps the others
+            raise
         except ValueError as exc:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
             if not earlier and main:
                 shutil.rmtree(checkpoint, ignore_errors=True)
