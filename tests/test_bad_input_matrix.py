@@ -1118,3 +1118,21 @@ def test_rank_deficient_factors(method, seed):
 def test_unknown_pivot_method():
     with pytest.raises(ValueError, match="pivot method 'svd'"):
         PivotLinear.from_factors(torch.randn(6, 2), torch.randn(2, 5), method="svd")
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_compressed"])
+@pytest.mark.parametrize("damage", sorted(DECLARED))
+def test_a_compressed_folder_declaring_sizes_its_weights_lack_is_refused_before_building(env, damage, loader):
+    """The Python API's side of ``declared-*-compressed-eval``: ``from_pretrained`` after ``import pifa`` (checked in
+    the quantizer's last hook before transformers builds the model: 100,000 layers took minutes and GBs) and
+    ``load_compressed`` raise a one-line ValueError."""
+    import time
+
+    config = json.loads((env / "comp" / "config.json").read_text())
+    config.update(DECLARED[damage][0])
+    (env / "comp" / "config.json").write_text(json.dumps(config))
+    load = {"from_pretrained": transformers.AutoModelForCausalLM.from_pretrained, "load_compressed": load_compressed}
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=re.escape(DECLARED[damage][1])) as info:
+        load[loader](env / "comp")
+    assert "\n" not in str(info.value) and time.monotonic() - start < 30

@@ -47,8 +47,9 @@ from .format import (
     compressed_modules,
     read_header,
     sentinel_tensors,
+    weight_files,
 )
-from .inputs import check_header_fits, check_loading_info
+from .inputs import check_declared_sizes, check_header_fits, check_loading_info
 from .io import replace_with_compressed_layers
 from .layers import PivotLinear, is_compressed
 
@@ -108,6 +109,21 @@ class PifaHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        """The last hook before transformers builds the model: a local checkpoint's declared sizes (layer count,
+        hidden size, ...) are checked against its safetensors headers here (see
+        :func:`pifa.inputs.check_declared_sizes`), so that a config.json declaring 100,000 layers is refused at
+        once instead of after minutes of building them."""
+        folder = Path(str(getattr(config, "_name_or_path", "") or ""))
+        if str(folder) and folder.is_dir():
+            try:
+                files = weight_files(folder)
+            except ValueError:
+                files = []  # transformers reports a folder without weights itself
+            if files:
+                check_declared_sizes(config, read_header(files), _CHECKPOINT)
+        return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
