@@ -66,3 +66,69 @@ def test_every_method_has_one_entry():
     assert set(pifa.METHODS) == {"svd", "svd-llm", "m", "mpifa", "magnitude", "wanda", "sparsegpt", "ria"}
     assert {m.layer_kind for m in pifa.METHODS.values()} == {"lowrank", "pivot", "sparse"}
     assert all(pifa.CompressionConfig(method=name).spec is spec for name, spec in pifa.METHODS.items())
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its ``__init__.py``)."""
+    files = {}
+    for path in CORE.rglob("*.py"):
+        parts = list(path.relative_to(CORE).with_suffix("").parts)
+        files[".".join(["pifa", *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
+    return files
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports (``from . import x`` counts as importing ``pifa.x``)."""
+    files = _module_files()
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in files)
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                for alias in node.names:
+                    if f"{module}.{alias.name}" in files:
+                        edges.add(f"{module}.{alias.name}")
+                    elif module in files:
+                        edges.add(module)
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module of the package imports, directly or through others, a module that imports it back
+    (function-level and TYPE_CHECKING imports count too: a cycle hidden in a function is still one)."""
+    graph = _import_graph()
+    assert len(graph) > 30 and graph["pifa.compress"]
+    cycles = []
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            node = todo.pop()
+            if node == start:
+                cycles.append(start)
+                break
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph[node])
+    assert not cycles, f"modules on an import cycle: {sorted(cycles)}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_60_lines():
+    """Every function and method in src/pifa, from its ``def`` line to its last line (docstring included)."""
+    long = []
+    for path in CORE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(CORE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"

@@ -215,7 +215,7 @@ def _run_block(run: _Run, block: _Block, checkpoint: Checkpoint | None) -> None:
             dense = copy.deepcopy(block.module)
             linears = {} if resumed else {block.local(n): dense.get_submodule(block.local(n)) for n in block.linears}
             block.groups, block.dense_inputs, block.dense_outputs = run.streams.advance_dense(
-                dense, run.device, block.index, block.prefix, linears, [] if resumed else None)
+                dense, run.device, block.index, block.prefix, linears)
             del dense
     if resumed:
         with run.report.stage("checkpoint"):

@@ -67,16 +67,17 @@ class Streams:
                            for i, h in zip(self.inputs, self.compressed)]
 
     def advance_dense(self, block: nn.Module, device: torch.device, index: int, prefix: str,
-                      linears: dict[str, nn.Module], groups: list[list[str]] | None
+                      linears: dict[str, nn.Module]
                       ) -> tuple[list[list[str]], dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
-        """Run the dense block on the dense stream. Returns the groups of ``linears`` (``groups``, or when
-        that is None inferred on the first batch, saving a pass) and, per batch, what M needs of the dense
+        """Run the dense block on the dense stream. Returns the groups of ``linears`` (inferred on the first
+        batch, saving a pass; none when ``linears`` is empty) and, per batch, what M needs of the dense
         stream: the input of each group's first linear, or for a group whose outputs are narrower than
         its input (``_by_outputs``), the outputs of its linears."""
         inputs_seen: dict[str, list[torch.Tensor]] = {}
         outputs_seen: dict[str, list[torch.Tensor]] = {}
         narrow = {name: m for name, m in linears.items() if _narrow(m)}  # may be recorded by their outputs
         outputs = []
+        groups: list[list[str]] | None = None  # known after the first batch
         for inputs, hidden in zip(self.inputs, self.dense or []):
             order: list[tuple[str, torch.Tensor]] | None = [] if groups is None else None
             if groups is None:

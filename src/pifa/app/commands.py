@@ -210,26 +210,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     dtype = parse_dtype(args.dtype, allow_auto=True)
     device = resolve_device(args.device)
-    # named as in the Python API (calibration_batches, compress), like the errors raised further in
-    for value, name in ((args.samples, "num_samples"), (args.seq_len, "seq_len"), (args.batch_size, "batch_size")):
-        _check_flag(value, name)
-    check_seed(args.seed, "--seed")
-    if args.samples * args.seq_len > MAX_CALIBRATION_TOKENS:
-        raise ValueError(f"--samples {args.samples} x --seq-len {args.seq_len} is more than the "
-                         f"{MAX_CALIBRATION_TOKENS:,} calibration tokens pifa accepts")
-    inputs = input_paths(args.model, args.calib)
-    checkpoint, lock = companion(out, CHECKPOINT_SUFFIX), companion(out, LOCK_SUFFIX)
-    for path, what in ((out, "output"), (checkpoint, "checkpoint"), (lock, "lock file")):
-        check_no_overlap(path, inputs, what)
-    cache = _sensitivity_cache(args.sensitivity_cache, config, inputs, out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} exists and is not a directory")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
-    if checkpoint.exists() and not _is_checkpoint(checkpoint):
-        raise ValueError(f"{str(checkpoint)!r} exists but is not a pifa checkpoint; move it away")
-    if args.stream and (not Path(args.model).is_dir() or find_gguf(Path(args.model)) is not None):
-        raise ValueError(f"--stream reads a local model folder with safetensors weights; {args.model!r} is not one")
+    checkpoint, cache = _check_compress_paths(args, config, out)
     distributed.init_from_environment(device)  # under torchrun: join the other ranks (no-op otherwise)
     device = distributed.local_device(device)
     distributed.check_same_everywhere({k: v for k, v in vars(args).items() if k != "func"}, "arguments")
@@ -252,23 +233,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                                             "seq_len": args.seq_len, "seed": args.seed,
                                                             "format": calibration_format(tokenizer, args.calib_format),
                                                             "format_requested": args.calib_format}}
-        try:
-            if streamed is not None:
-                report = streamed.compress(out, config, calib, device=device, batch_size=args.batch_size,
-                                           checkpoint_dir=str(checkpoint), tokenizer=tokenizer,
-                                           overwrite=args.overwrite, report_extra=extra, progress=main)
-            else:
-                report = compress(model, config, calib, device=device, batch_size=args.batch_size,
-                                  checkpoint_dir=str(checkpoint), progress=main, sensitivity_cache=cache)
-        except CheckpointWriteError:  # the disk filled while a block was saved: the checkpoint keeps the others
-            raise
-        except ValueError as exc:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
-            if not earlier and main:
-                shutil.rmtree(checkpoint, ignore_errors=True)
-            if args.stream and checkpoint.exists():
-                raise ValueError(f"{exc}; the finished blocks are kept in {str(checkpoint)!r}: fix it and rerun "
-                                 "with --resume") from None
-            raise
+        report = _compress_resumably(args, model, tokenizer, config, calib, device, streamed, cache, checkpoint,
+                                     earlier, extra)
         report.config.update(extra)
         if main and not args.stream:
             _save(model, out, tokenizer, config, report, args.overwrite, checkpoint)
@@ -280,6 +246,58 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(_format_note(tokenizer, args.calib_format))
         print(f"saved to {out}")
     return 0
+
+
+def _check_compress_paths(args: argparse.Namespace, config: CompressionConfig, out: Path
+                          ) -> tuple[Path, SensitivityCache | None]:
+    """Every check that needs no model: calibration sizes, the output, checkpoint, lock and cache paths.
+    Returns the checkpoint folder and the sensitivity cache (or ``None``)."""
+    # named as in the Python API (calibration_batches, compress), like the errors raised further in
+    for value, name in ((args.samples, "num_samples"), (args.seq_len, "seq_len"), (args.batch_size, "batch_size")):
+        _check_flag(value, name)
+    check_seed(args.seed, "--seed")
+    if args.samples * args.seq_len > MAX_CALIBRATION_TOKENS:
+        raise ValueError(f"--samples {args.samples} x --seq-len {args.seq_len} is more than the "
+                         f"{MAX_CALIBRATION_TOKENS:,} calibration tokens pifa accepts")
+    inputs = input_paths(args.model, args.calib)
+    checkpoint, lock = companion(out, CHECKPOINT_SUFFIX), companion(out, LOCK_SUFFIX)
+    for path, what in ((out, "output"), (checkpoint, "checkpoint"), (lock, "lock file")):
+        check_no_overlap(path, inputs, what)
+    cache = _sensitivity_cache(args.sensitivity_cache, config, inputs, out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a directory")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+    if checkpoint.exists() and not _is_checkpoint(checkpoint):
+        raise ValueError(f"{str(checkpoint)!r} exists but is not a pifa checkpoint; move it away")
+    if args.stream and (not Path(args.model).is_dir() or find_gguf(Path(args.model)) is not None):
+        raise ValueError(f"--stream reads a local model folder with safetensors weights; {args.model!r} is not one")
+    return checkpoint, cache
+
+
+def _compress_resumably(args: argparse.Namespace, model: Any, tokenizer: Any, config: CompressionConfig,
+                        calib: torch.Tensor,
+                        device: Any, streamed: StreamedWeights | None, cache: SensitivityCache | None,
+                        checkpoint: Path, earlier: bool, extra: dict[str, Any]) -> Any:
+    """Compress in memory or streamed, checkpointing each block; on bad input, this run's own checkpoint goes
+    (``earlier``: it continues an earlier run's, which stays)."""
+    main = distributed.is_main()
+    try:
+        if streamed is not None:
+            return streamed.compress(Path(args.out), config, calib, device=device, batch_size=args.batch_size,
+                                     checkpoint_dir=str(checkpoint), tokenizer=tokenizer,
+                                     overwrite=args.overwrite, report_extra=extra, progress=main)
+        return compress(model, config, calib, device=device, batch_size=args.batch_size,
+                        checkpoint_dir=str(checkpoint), progress=main, sensitivity_cache=cache)
+    except CheckpointWriteError:  # the disk filled while a block was saved: the checkpoint keeps the others
+        raise
+    except ValueError as exc:  # bad input (e.g. non-finite weights): this run's own checkpoint cannot help
+        if not earlier and main:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        if args.stream and checkpoint.exists():
+            raise ValueError(f"{exc}; the finished blocks are kept in {str(checkpoint)!r}: fix it and rerun "
+                             "with --resume") from None
+        raise
 
 
 def _save(model: Any, out: Path, tokenizer: Any, config: CompressionConfig, report: Any, overwrite: bool,
