@@ -132,3 +132,42 @@ def test_no_function_over_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(CORE)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def _core_files() -> list[Path]:
+    return [p for p in CORE.rglob("*.py") if "app" not in p.relative_to(CORE).parts and p.name != "__main__.py"]
+
+
+MESSAGE_BUILDERS = {"_fallback", "join_error"}  # core functions that write (part of) an error message
+
+
+def _raised_text(path: Path) -> list[str]:
+    """The string pieces of every ``raise`` statement in ``path`` and of the functions that build error
+    messages (f-strings' literal parts included)."""
+    texts = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) or (isinstance(node, ast.FunctionDef) and node.name in MESSAGE_BUILDERS):
+            texts += [c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    return texts
+
+
+def test_core_errors_name_arguments_not_command_line_flags():
+    """src/pifa's errors are read by API users: they name the argument or config field (``batch_size``,
+    ``latency_table``), never a ``--flag``; the one command line named is torchrun's own."""
+    import re
+
+    flags = []
+    for path in _core_files():
+        for text in _raised_text(path):
+            flags += [f"{path.name}: {m}" for m in re.findall(r"--[a-z][a-z-]*", text.replace("torchrun --nproc", ""))]
+    assert not flags, f"core error messages naming command-line flags: {flags}"
+
+
+def test_every_cli_rewording_matches_a_core_message():
+    """The command line's table of rewordings names phrases the core really raises (no silent drift)."""
+    from pifa.app.flags import CLI_WORDING, cli_message
+
+    core = "".join("".join(_raised_text(path)) for path in _core_files())
+    for phrase, cli in CLI_WORDING:
+        assert phrase in core, phrase
+        assert cli_message(f"x {phrase} y") == f"x {cli} y"

@@ -269,7 +269,7 @@ def _sensitivity_probe(ctx: Context) -> SensitivityProbe:
                                                        ctx.batches)
     if streams.residency.streamed:
         raise ValueError("allocation 'sensitivity' runs the whole model for every measurement: it cannot stream "
-                         "(run without --stream, or use allocation 'spectrum')")
+                         "(compress the model in memory, not streamed, or use allocation 'spectrum')")
     subset = torch.cat(batches)[: config.sensitivity_samples, :MEASURE_TOKENS]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     logits = getattr(model(input_ids=subset.to(device)), "logits", None) if head is not None else None

@@ -83,10 +83,10 @@ class Checkpoint:
                 state = json.loads(progress.read_text())
             except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise ValueError(f"checkpoint {str(directory)!r} is unreadable ({PROGRESS}: {exc}); "
-                                 "run without --resume to start afresh") from None
+                                 "start afresh with another checkpoint_dir") from None
             if not isinstance(state, dict) or not isinstance(state.get("blocks"), dict):
                 raise ValueError(f"checkpoint {str(directory)!r} is corrupt ({PROGRESS} has no 'blocks' table); "
-                                 "run without --resume to start afresh")
+                                 "start afresh with another checkpoint_dir")
             if {k: state.get(k) for k in expected} != expected:
                 raise ValueError(f"checkpoint {str(directory)!r} was written for another model, config or "
                                  "calibration data")
@@ -118,7 +118,7 @@ class Checkpoint:
             raise CheckpointWriteError(
                 f"could not write block {index} to checkpoint {str(self.directory)!r} ({detail}); the checkpoint "
                 f"keeps the {saved} block{'s' if saved != 1 else ''} saved before it: free some space and rerun with "
-                "--resume") from None
+                "the same checkpoint_dir to resume") from None
         self.state = state
 
     def restore_block(self, index: int, block: nn.Module, prefix: str) -> list[ModuleReport]:
@@ -137,4 +137,4 @@ class Checkpoint:
         except (KeyError, TypeError, AttributeError, RuntimeError, safetensors.SafetensorError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"checkpoint {str(self.directory)!r} is corrupt (block {index}: {first}); "
-                             "run without --resume to start afresh") from None
+                             "start afresh with another checkpoint_dir") from None

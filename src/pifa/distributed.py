@@ -108,7 +108,7 @@ def shard(batches: Sequence[T]) -> list[T]:
     world = world_size()
     if len(batches) < world:
         raise ValueError(f"world size {world} is larger than the {len(batches)} calibration batches: every rank "
-                         "needs at least one (more --samples, or a smaller --batch-size)")
+                         "needs at least one (a larger num_samples, or a smaller batch_size)")
     return list(batches[rank()::world])
 
 

@@ -163,7 +163,7 @@ class SensitivityCache:
                 handle.write(text)
         except OSError as exc:
             return f"the measurements could not be saved elsewhere either ({exc.strerror or exc})"
-        return (f"the measurements so far are saved in {name!r}: move it there (or pass it as --sensitivity-cache) "
+        return (f"the measurements so far are saved in {name!r}: move it there (or pass it as sensitivity_cache) "
                 "and rerun to reuse them")
 
 

@@ -14,6 +14,7 @@ import torch
 from .. import distributed
 from .._version import __version__
 from . import commands
+from .flags import cli_message
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ValueError as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        print(f"pifa {args.command}: error: {lines[0]}", file=sys.stderr)
+        print(f"pifa {args.command}: error: {cli_message(lines[0])}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # torch.distributed: a rank died or a collective timed out
         if not distributed.active():
