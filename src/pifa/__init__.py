@@ -6,6 +6,7 @@ Public API::
     pifa.LowRankLinear, pifa.PivotLinear          # compressed layers
     pifa.rank_for_density(out, in, density, kind)  # rank maths
     pifa.save_compressed(model, path), pifa.load_compressed(path)
+    pifa.fuse_siblings(model), pifa.unfuse_siblings(model)  # one first GEMM for q/k/v, gate/up (eager inference)
     pifa.SensitivityCache()                        # reuse sensitivity measurements across a density sweep
 
 ``import pifa`` registers the ``"pifa"`` quantization method with transformers (the one visible
@@ -19,6 +20,7 @@ from ._version import __version__
 from .budget import rank_for_density
 from .compress import compress
 from .config import METHODS, CompressionConfig
+from .fused import fuse_siblings, fused_groups, unfuse_siblings
 from .io import load_compressed, save_compressed
 from .layers import LowRankLinear, PivotLinear
 from .pivot import select_pivots
@@ -34,10 +36,13 @@ __all__ = [
     "SensitivityCache",
     "__version__",
     "compress",
+    "fuse_siblings",
+    "fused_groups",
     "load_compressed",
     "rank_for_density",
     "save_compressed",
     "select_pivots",
+    "unfuse_siblings",
 ]
 
 hf.register()

@@ -378,11 +378,15 @@ def _check_quantization_config(config: Any, spec: dict[str, Any]) -> None:
 
 
 def load_compressed(
-    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+    fuse: bool = False,
 ) -> nn.Module:
     """Load a directory written by ``save_compressed``; returns the model in eval mode.
 
-    ``dtype`` defaults to the dtype the model was saved in, ``device`` to the CPU.
+    ``dtype`` defaults to the dtype the model was saved in, ``device`` to the CPU. ``fuse=True``: compressed
+    layers that read the same input (q/k/v, gate/up) share one first GEMM in eager inference
+    (``pifa.fuse_siblings``: the same outputs to round-off, not bit for bit, hence off by default; the
+    parameters and state dict are unchanged).
     """
     load_dtype = parse_dtype(dtype) if dtype is not None else None
     load_device = parse_device(device or "cpu")
@@ -414,4 +418,9 @@ def load_compressed(
             f"the weights of {str(path)!r} do not match the model: missing {sorted(missing or ())[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    return model.eval()
+    model.eval()
+    if fuse:
+        from .fused import fuse_siblings
+
+        fuse_siblings(model)
+    return model

@@ -53,6 +53,7 @@ class _CompressedLinear(nn.Module):
     in_features: int
     out_features: int
     rank: int
+    _fused: Any = None  # (FusedGroup, index) once pifa.fused.fuse_siblings shared the first stage
 
     def __init__(
         self,
@@ -68,6 +69,25 @@ class _CompressedLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._make_factors(device=device, dtype=dtype)  # type: ignore[attr-defined]
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return True
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _fused_first_stage(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This layer's columns of its group's fused first GEMM (eager inference only), else None."""
+        if self._needs_autograd(x) or self._fused is None:
+            return None
+        group, index = self._fused
+        return group.product(index, x)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._fused is not None and not keep_vars:  # rows of the group's weight: save a tensor of its own
+            for name, param in self._parameters.items():
+                if param is not None and prefix + name in destination:
+                    destination[prefix + name] = destination[prefix + name].clone()
 
     def num_parameters(self) -> int:
         """Stored weights plus bias (index buffers are not counted)."""
@@ -131,7 +151,8 @@ class LowRankLinear(_CompressedLinear):
         return cls.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.down), self.up, self.bias)
+        z = self._fused_first_stage(x)
+        return F.linear(F.linear(x, self.down) if z is None else z, self.up, self.bias)
 
     def _dense_weight(self) -> torch.Tensor:
         with torch.no_grad():
@@ -208,24 +229,23 @@ class PivotLinear(_CompressedLinear):
         if prefix + "pivot_index" in state_dict:
             self._refresh_index()
 
-    def _needs_autograd(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling():
-            return True
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._needs_autograd(x):
             z = F.linear(x, self.pivot_weight)
             y = torch.cat([z, F.linear(z, self.coeff)], dim=-1).index_select(-1, self.gather_index)
             return y if self.bias is None else y + self.bias
-        return self._forward_inference(x)
+        return self._forward_inference(x, self._fused_first_stage(x))
 
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Same maths with both GEMMs writing into one buffer (T, out) and one gather (no autograd)."""
+    def _forward_inference(self, x: torch.Tensor, fused: torch.Tensor | None = None) -> torch.Tensor:
+        """Same maths with both GEMMs writing into one buffer (T, out) and one gather (no autograd);
+        ``fused``: this layer's first-stage output, already computed by its fused group."""
         x2 = x.reshape(-1, self.in_features)
         buf = x2.new_empty(x2.shape[0], self.out_features)
         z, rest = buf[:, : self.rank], buf[:, self.rank :]
-        torch.mm(x2, self.pivot_weight.t(), out=z)
+        if fused is None:
+            torch.mm(x2, self.pivot_weight.t(), out=z)
+        else:
+            z.copy_(fused.reshape(-1, self.rank))
         if self.bias is None:
             torch.mm(z, self.coeff.t(), out=rest)
         else:
