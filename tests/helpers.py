@@ -3,6 +3,11 @@ tokenizer, and dense model folders for the CLI tests. Fixtures live in conftest.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -102,3 +107,28 @@ class _BareLinearBlocks(torch.nn.Module):
 
 def bare_linear_blocks() -> torch.nn.Module:
     return _BareLinearBlocks()
+
+
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def pifa_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m pifa`` subprocess: this checkout's sources first, no crash point."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+            "PIFA_CRASH_AT": "", **extra}
+
+
+def run_pifa(*args: str, crash_at: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m pifa ARGS`` in a subprocess (``crash_at``: a named crash point, see pifa.faults)."""
+    return subprocess.run([sys.executable, "-m", "pifa", *args], capture_output=True, text=True, timeout=timeout,
+                          env=pifa_env(PIFA_CRASH_AT=crash_at or ""))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (folders as empty entries)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"") for p in sorted(root.rglob("*"))}
+
+
+def tree(root: Path) -> list[str]:
+    """Every path under ``root``, relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import tiny_model
 from pifa import CompressionConfig, PivotLinear, __version__, compress, save_compressed
@@ -62,3 +63,50 @@ def test_info_bad_input_is_one_line_exit_2(tmp_path, damage):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("pifa info: error:")
+
+
+def _saved(tmp_path):
+    model = tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = PivotLinear.from_linear(attn.q_proj, 8)
+    return save_compressed(model, tmp_path / "m")
+
+
+def test_pifa_info_checks_a_pruned_tensor_before_reading_it(tmp_path, capsys, monkeypatch):
+    import safetensors
+
+    path = _saved(tmp_path)
+    spec = json.loads((path / "pifa_config.json").read_text())
+    spec["pruned"] = {"model.layers.1.mlp.up_proj": {"out_features": 64, "in_features": 32, "pattern": "2:4"}}
+    (path / "pifa_config.json").write_text(json.dumps(spec))
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(4096, 4096)  # 64 MiB instead of 8 KiB
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    read, real = [], safetensors.safe_open
+
+    class Handle:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    class SpyOpen:
+        def __init__(self, *args, **kwargs):
+            self.handle = real(*args, **kwargs)
+
+        def __enter__(self):
+            return Handle(self.handle.__enter__())
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(safetensors, "safe_open", SpyOpen)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has shape (4096, 4096)" in err[0] and "gives 64 x 32" in err[0], err
+    assert read == []  # refused from the header: no tensor data read

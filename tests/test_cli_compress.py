@@ -1,14 +1,15 @@
 """`pifa compress` end to end on a tiny local model directory."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import SRC, make_dense_dir, model_output, tree
 from helpers import compress_argv as compress_args
-from helpers import make_dense_dir, model_output
 from pifa import PivotLinear, load_compressed
 from pifa.app.cli import main
 
@@ -105,3 +106,55 @@ def test_resume_after_a_crash_gives_the_same_bytes(dense_dir, tmp_path, monkeypa
     assert main(compress_args(dense_dir, tmp_path / "resumed", "--resume")) == 0
     straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from pifa.app.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_full_disk_is_one_line_and_keeps_only_the_resumable_checkpoint(tmp_path):
+    """Every file write beyond 60 kB fails (as on a full disk): the checkpoint's blocks fit, the model does not."""
+    dense = make_dense_dir(tmp_path)
+    out = tmp_path / "new" / "deeper" / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+           "PYTHONDONTWRITEBYTECODE": "1", "PIFA_CRASH_AT": ""}
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(60_000), *compress_args(dense, out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith("pifa compress: error: could not write") and "File too large" in errors[0]
+    assert "rerun with --resume" in errors[0]
+    # no .partial, no lock, no output: only the checkpoint (and the folders holding it)
+    assert tree(tmp_path / "new") == ["deeper", "deeper/out.pifa-checkpoint",
+                                       "deeper/out.pifa-checkpoint/block_0000.safetensors",
+                                       "deeper/out.pifa-checkpoint/block_0001.safetensors",
+                                       "deeper/out.pifa-checkpoint/progress.json"]
+    # with space again, --resume finishes from the checkpoint
+    assert main(compress_args(dense, out, "--resume")) == 0
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["out"]
+
+
+def test_cli_says_overwrite_flag_never_the_keyword(tmp_path, capsys):
+    dense = make_dense_dir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(compress_args(dense, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+
+
+def test_n_m_pattern_refuses_options_it_would_ignore(tmp_path, capsys):
+    dense = make_dense_dir(tmp_path)
+    for extra in (["--attn-density", "0.4"], ["--allocation", "owl"]):
+        assert main(compress_args(dense, tmp_path / "out", "--method", "wanda", "--pattern", "2:4", *extra)) == 2
+        assert "cannot apply to the N:M pattern 2:4" in capsys.readouterr().err
+    assert main(compress_args(dense, tmp_path / "out", "--method", "wanda", "--pattern", "2:4")) == 0
+    report = json.loads((tmp_path / "out" / "compression_report.json").read_text())
+    assert report["config"]["attn_density"] is None and report["config"]["allocation"] == "uniform"

@@ -1,5 +1,6 @@
 """The compression pipeline on the tiny model matrix."""
 
+import logging
 import sys
 
 import pytest
@@ -285,3 +286,27 @@ def test_a_context_declared_non_positive_or_absent_is_no_limit(declared):
     model.config.max_position_embeddings = declared
     assert context_limit(model) is None
     pifa.compress(model, pifa.CompressionConfig(density=0.5), torch.randint(3, 100, (2, 80)), progress=False)
+
+
+def test_dead_neurons_and_constant_channels_give_finite_results(caplog):
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[:5] = 0  # silu(0) * up = 0: five dead inputs of down_proj
+        mlp.up_proj.weight[5:8] = 0
+        model.model.layers[1].mlp.up_proj.weight[:, :] = 0  # a whole dead MLP
+    with caplog.at_level(logging.WARNING, logger="pifa"):
+        report = compress(model, CompressionConfig(density=0.5), CALIB, progress=False)
+    assert "input channels are always zero" in caplog.text
+    assert all(m.calib_error == m.calib_error for m in report.modules)  # no NaN
+    assert torch.isfinite(model_output(model, CALIB)).all()
+
+
+@pytest.mark.parametrize("method", ["mpifa", "svd-llm", "sparsegpt"])
+def test_same_inputs_give_identical_bytes(method, tmp_path):
+    paths = []
+    for run in range(2):
+        model = tiny_model("qwen2")
+        compress(model, CompressionConfig(method=method), CALIB, progress=False)
+        paths.append(save_compressed(model, tmp_path / f"run{run}"))
+    assert (paths[0] / "model.safetensors").read_bytes() == (paths[1] / "model.safetensors").read_bytes()

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -121,14 +120,12 @@ def test_a_dying_rank_makes_the_other_exit_with_one_line(runs, tmp_path):
         procs.append(subprocess.Popen([sys.executable, "-m", "pifa", "--threads", "1",
                                        *compress_argv(dense, tmp_path / "out", *ARGS)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    start = time.monotonic()
-    out0, err0 = procs[0].communicate(timeout=240)
+    out0, err0 = procs[0].communicate(timeout=240)  # rank 0 does not wait forever for the dead rank 1
     procs[1].communicate(timeout=60)
     assert procs[1].returncode == -9
     assert procs[0].returncode == 2, err0[-2000:]
     errors = [line for line in err0.splitlines() if line.startswith("pifa compress: error")]
     assert len(errors) == 1 and "rank 0" in errors[0], err0[-2000:]
-    assert time.monotonic() - start < 200
     assert not (tmp_path / "out").exists()
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 import pifa
 from helpers import MATRIX_CONFIGS, model_output, tiny_model
 from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
+from pifa.app.cli import main
 from pifa.format import CONFIG_NAME
 from pifa.model import find_blocks, is_linear, linear_weight
 
@@ -319,3 +321,65 @@ def test_import_pifa_registers_in_any_order(tmp_path, order):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def _saved(tmp_path):
+    model = tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = PivotLinear.from_linear(attn.q_proj, 8)
+    return save_compressed(model, tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("drop-coeff", "lacks tensor 'model.layers.0.self_attn.q_proj.coeff'"),
+    ("drop-pivot-index", "lacks tensor 'model.layers.0.self_attn.q_proj.pivot_index'"),
+    ("int32-coeff", "is I32"),
+    ("float-pivot-index", "pivot indices must be I64"),
+    ("wrong-shape-coeff", "has shape (24, 9)"),
+    ("mixed-dtypes", "mix dtypes"),
+    ("big-sentinel", "empty marker"),
+])
+def test_from_pretrained_refuses_missing_or_mistyped_tensors(tmp_path, damage, message):
+    import transformers
+
+    path = _saved(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj."
+    if damage == "drop-coeff":
+        del tensors[key + "coeff"]
+    if damage == "drop-pivot-index":
+        del tensors[key + "pivot_index"]
+    if damage == "int32-coeff":
+        tensors[key + "coeff"] = tensors[key + "coeff"].to(torch.int32)
+    if damage == "float-pivot-index":
+        tensors[key + "pivot_index"] = tensors[key + "pivot_index"].float()
+    if damage == "wrong-shape-coeff":
+        tensors[key + "coeff"] = torch.zeros(24, 9)
+    if damage == "mixed-dtypes":
+        tensors[key + "coeff"] = tensors[key + "coeff"].half()
+    if damage == "big-sentinel":
+        tensors[key + "weight"] = torch.zeros(32, 32)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for load in (lambda: transformers.AutoModelForCausalLM.from_pretrained(path), lambda: load_compressed(path)):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+            load()
+        assert "\n" not in str(info.value)
+    assert main(["info", str(path)]) == 2
+
+
+def test_from_pretrained_without_import_pifa_fails_instead_of_returning_random_weights(tmp_path):
+    path = _saved(tmp_path)
+    script = ("import sys, transformers\n"
+              "assert 'pifa' not in sys.modules\n"
+              "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+              "print('loaded')\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "loaded" not in result.stdout
+    assert "Unknown quantization type, got pifa" in result.stderr  # transformers names the missing method ...
+    assert "size mismatch" in result.stderr and "ignore_mismatched_sizes" in result.stderr  # ... and then fails
+    # with pifa imported the same folder loads cleanly: the empty markers are expected, not reported
+    import transformers
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"]
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PivotLinear)

@@ -141,3 +141,17 @@ def test_module_to_keeps_index_buffers_integer():
     piv = PivotLinear.from_factors(*factors(12, 8, 4))
     piv = piv.to(torch.float16)
     assert piv.pivot_index.dtype == torch.int64 and piv.coeff.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pifa_low_precision_error_is_within_3x_of_low_rank(dtype):
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(256, 64, generator=g) / 8, torch.randn(64, 192, generator=g) / 14
+    x = torch.randn(32, 192, generator=g)
+    exact = x.double() @ (up.double() @ down.double()).T
+    low = LowRankLinear.from_factors(up, down)
+    piv = PivotLinear.from_low_rank(low)
+    with torch.no_grad():
+        err_low = float((low.to(dtype)(x.to(dtype)).double() - exact).norm() / exact.norm())
+        err_piv = float((piv.to(dtype)(x.to(dtype)).double() - exact).norm() / exact.norm())
+    assert err_piv <= 3 * err_low

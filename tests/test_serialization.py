@@ -1,10 +1,13 @@
 import json
+import pickle
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_model
+from helpers import model_output, tiny_model
 from pifa import LowRankLinear, PivotLinear, load_compressed, save_compressed
 from pifa.format import CONFIG_NAME, WEIGHTS_NAME
 
@@ -119,3 +122,54 @@ def test_failed_save_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="tokenizer failed"):
         save_compressed(tiny_model("llama"), tmp_path / "x", tokenizer=Boom())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_compressed_failure_leaves_no_partial_and_no_parents(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ValueError, match=r"^could not write .*No space left on device") as info:
+        save_compressed(tiny_model("llama"), tmp_path / "x" / "y" / "m")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_compressed_into_an_existing_empty_folder(tmp_path, input_ids):
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.up_proj = PivotLinear.from_linear(model.model.layers[0].mlp.up_proj, 8)
+    (tmp_path / "empty").mkdir()
+    save_compressed(model, tmp_path / "empty")  # like save_pretrained: no overwrite needed
+    assert torch.equal(model_output(load_compressed(tmp_path / "empty"), input_ids), model_output(model, input_ids))
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        save_compressed(model, folder)
+        assert (Path(folder) / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # the temporary folder cleaned itself up
+    with pytest.raises(ValueError, match=r"already exists and is not empty \(pass overwrite=True to replace it\)"):
+        save_compressed(model, tmp_path / "empty")
+    save_compressed(model, tmp_path / "empty", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no .old, no .partial
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling creates the marker file
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "training_args.bin", "optimizer.pt"])
+def test_planted_pickle_is_never_executed(tmp_path, name):
+    model = tiny_model("llama")
+    model.model.layers[0].self_attn.q_proj = PivotLinear.from_linear(model.model.layers[0].self_attn.q_proj, 4)
+    out = save_compressed(model, tmp_path / "m")
+    marker = tmp_path / "pwned"
+    (out / name).write_bytes(pickle.dumps(_Exploit(str(marker))))
+    load_compressed(out)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert not marker.exists()
