@@ -68,6 +68,9 @@ def test_any_call_order_repeated_calls_and_in_place_changes():
         x.mul_(2)  # in place: the kept product is stale
         assert torch.allclose(q(x), F_unfused(q, x), atol=1e-6)
         assert torch.allclose(v(x), F_unfused(v, x), atol=1e-6)
+    with torch.inference_mode():  # inference tensors: no version counter, identity only
+        y = torch.randn(3, 32)
+        assert torch.allclose(k(y), F_unfused(k, y), atol=1e-6) and torch.allclose(q(y), F_unfused(q, y), atol=1e-6)
     with torch.enable_grad():  # autograd: each layer its own GEMM, gradients reach its own parameter
         k(x).sum().backward()
     assert k.pivot_weight.grad is not None and q.pivot_weight.grad is None

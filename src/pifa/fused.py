@@ -12,10 +12,14 @@ state dict stay per-linear (saved folders are unchanged; ``state_dict`` returns 
 At run time the first sibling called with an input computes the fused product and keeps it (keyed on
 the input tensor's identity and version counter) until every sibling has taken its columns; any other
 call order, a sibling called twice, or an input changed in place recomputes, so the result never
-depends on the order. The fused path is eager inference only: under ``torch.compile`` (tracing), or
-when autograd is recording (grad enabled and a parameter or the input requires grad), each sibling
-runs its own first GEMM on its rows, exactly as an unfused layer does. Moving or casting the model
-(``.to``) breaks the sharing; the next fused call re-concatenates and re-points the parameters.
+depends on the order. (Tensors made under ``torch.inference_mode`` keep no version counter: for them
+an in-place change between two siblings' calls on the same tensor object would go unseen; no
+transformers model does that to the input of q/k/v or gate/up.)
+
+The fused path is eager inference only: under ``torch.compile`` (tracing), or when autograd is
+recording (grad enabled and a parameter or the input requires grad), each sibling runs its own first
+GEMM on its rows, exactly as an unfused layer does. Moving or casting the model (``.to``) breaks the
+sharing; the next fused call re-concatenates and re-points the parameters.
 """
 
 from __future__ import annotations
@@ -70,9 +74,10 @@ class FusedGroup:
         if getattr(member, first_stage_name(member)).data_ptr() != member._fused_ptr:  # moved or cast
             self.rebuild()
         ref = self._input() if self._input is not None else None
-        if ref is not x or self._version != x._version or index in self._taken:
+        version = -2 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if ref is not x or self._version != version or index in self._taken:
             self._product = F.linear(x, self.weight)
-            self._input, self._version, self._taken = weakref.ref(x), x._version, set()
+            self._input, self._version, self._taken = weakref.ref(x), version, set()
         product = self._product
         self._taken.add(index)
         if len(self._taken) == len(self.members):  # every sibling has its part: drop the references

@@ -215,3 +215,40 @@ def bench_models(models: dict[str, nn.Module], batch: int, prefill: int, decode:
     return {"rows": rows, "batch": batch, "prefill": prefill, "decode": decode, "device": str(device),
             "peak_memory_MB": round(peak / 2**20, 1),
             "peak_memory_kind": "cuda max allocated" if str(device).startswith("cuda") else "process peak RSS"}
+
+
+def compile_models(models: dict[str, nn.Module], batch: int, prefill: int, decode: int,
+                   device: str, backend: str = "inductor") -> dict[str, float]:
+    """``torch.compile`` every model's forward (``backend``, default mode) and warm it up on this run's shapes
+    (one prefill, one short decode); returns the seconds each warm-up took: the compile time, timed apart."""
+    seconds = {}
+    for name, model in models.items():
+        model.forward = torch.compile(model.forward, backend=backend)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (batch, prefill), generator=torch.Generator().manual_seed(0)).to(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+            _decode_seconds(model, ids[:, :16], min(decode, 3), device)
+        sync(device)
+        seconds[name] = round(time.perf_counter() - start, 2)
+    return seconds
+
+
+def bench_model_table(models: dict[str, nn.Module], batches: list[int], prefill: int, decode: int, device: str,
+                      rounds: int = 3, compile_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """``bench_models`` at every batch size; one row per (batch, model) with weight bytes and their ratio to the
+    first (dense) model, and the compile seconds when the models were compiled."""
+    dense_bytes = weight_bytes(next(iter(models.values())))
+    rows, peaks = [], []
+    for batch in batches:
+        result = bench_models(models, batch, prefill, decode, device, rounds)
+        peaks.append(result["peak_memory_MB"])
+        for row, (name, model) in zip(result["rows"], models.items()):
+            size = weight_bytes(model)
+            extra = {} if compile_seconds is None else {"compile_s": compile_seconds[name]}
+            rows.append({"batch": batch, **row, "weight_bytes": size, "weight_x": round(size / dense_bytes, 3),
+                         **extra})
+    return {"rows": rows, "batches": batches, "prefill": prefill, "decode": decode, "device": str(device),
+            "compiled": compile_seconds is not None, "peak_memory_MB": max(peaks),
+            "peak_memory_kind": "cuda max allocated" if str(device).startswith("cuda") else "process peak RSS"}

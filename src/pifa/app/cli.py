@@ -54,14 +54,22 @@ def _add_bench(sub: Any) -> None:
     layer.set_defaults(func=commands.cmd_bench_layer)
     model = kinds.add_parser("model", help="prefill and decode tokens/s, dense vs compressed",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model.add_argument("--compressed", help="a pifa output directory (with --dense)")
-    model.add_argument("--dense", help="the dense model it came from")
+    model.add_argument("--compressed", nargs="+", default=[],
+                       help="pifa output directories (with --dense; several: one row each, in one run)")
+    model.add_argument("--dense", help="the dense model they came from: an HF folder or a GGUF file")
     model.add_argument("--hidden", type=int, default=4096, help="synthetic Llama: hidden size")
     model.add_argument("--mlp", type=int, default=11008, help="synthetic Llama: MLP size")
     model.add_argument("--blocks", type=int, default=4, help="synthetic Llama: blocks")
     model.add_argument("--vocab", type=int, default=32000, help="synthetic Llama: vocabulary")
     model.add_argument("--density", type=float, default=0.5, help="synthetic: PIFA density of every block linear")
     model.add_argument("--batch", type=int, default=1)
+    model.add_argument("--batch-sizes", help="several batch sizes in one run, e.g. 1,4 (instead of --batch)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile every model first; the compile time is reported apart")
+    model.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend with --compile (eager: dynamo's capture only, a quick check)")
+    model.add_argument("--fuse", choices=["off", "on", "both"], default="off",
+                       help="fused siblings (pifa.fuse_siblings) for the compressed models; both: a row for each")
     model.add_argument("--prefill", type=int, default=512, help="prefill tokens per sequence")
     model.add_argument("--decode", type=int, default=32, help="decoded tokens (with the KV cache)")
     model.set_defaults(func=commands.cmd_bench_model)

@@ -33,7 +33,7 @@ from ..sensitivity import SensitivityCache
 from ..streaming import StreamedWeights, check_block_memory
 from ..tables import format_table
 from ..validate import check_positive_int, check_seed, parse_dtype
-from .bench import bench_layers, bench_models, random_pivot_copy, synthetic_llama
+from .bench import bench_layers, bench_model_table, compile_models, random_pivot_copy, synthetic_llama
 from .gguf import find_gguf
 from .loading import check_local, load_dense, load_tokenizer, resolve_device
 from .outputs import (
@@ -336,33 +336,83 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_model(args: argparse.Namespace) -> int:
+def _batch_sizes(args: argparse.Namespace) -> list[int]:
+    """--batch-sizes "1,4" (several batch sizes in one run), else --batch."""
+    if args.batch_sizes is None:
+        _check_flag(args.batch, "--batch")
+        return [args.batch]
+    sizes = []
+    for part in str(args.batch_sizes).split(","):
+        try:
+            sizes.append(int(part))
+        except ValueError:
+            raise ValueError(f"--batch-sizes {args.batch_sizes!r} must be positive integers separated by commas"
+                             ) from None
+        _check_flag(sizes[-1], "--batch-sizes")
+    return sizes
 
+
+def _compressed_models(args: argparse.Namespace, device: str, dtype: Any) -> dict[str, Any]:
+    """The dense model (HF folder or GGUF) and every --compressed folder, by row name."""
+    if not args.dense:
+        raise ValueError("--compressed needs --dense, the model it was compressed from")
+    for folder in args.compressed:
+        read_pifa_config(folder)  # a wrong --compressed fails before the dense model loads
+    dense, _ = load_dense(args.dense, dtype, device)
+    models = {"dense": dense}
+    for i, folder in enumerate(args.compressed):
+        compressed = load_compressed(folder, device=device, dtype=dense.dtype)
+        if vocabulary_size(compressed) != vocabulary_size(dense):
+            raise ValueError(f"--compressed {folder} has a vocabulary of {vocabulary_size(compressed)}, --dense one "
+                             f"of {vocabulary_size(dense)}: not the model it was compressed from")
+        name = f"compressed:{Path(folder).name}"
+        models[name if name not in models else f"{name}#{i}"] = compressed
+    return models
+
+
+def _with_fused(models: dict[str, Any], fuse: str) -> dict[str, Any]:
+    """--fuse on: the compressed models with fused siblings; both: each unfused and fused (a copy)."""
+    import copy
+
+    from ..fused import fuse_siblings
+
+    if fuse == "off":
+        return models
+    out = {}
+    for name, model in models.items():
+        if name == "dense":
+            out[name] = model
+            continue
+        if fuse == "both":
+            out[name] = model
+            model = copy.deepcopy(model)
+        fuse_siblings(model)
+        out[f"{name}+fused"] = model
+    return out
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     dtype = parse_dtype(args.dtype)
-    for value, flag in ((args.batch, "--batch"), (args.prefill, "--prefill"), (args.decode, "--decode"),
-                        (args.rounds, "--rounds")):
+    for value, flag in ((args.prefill, "--prefill"), (args.decode, "--decode"), (args.rounds, "--rounds")):
         _check_flag(value, flag)
+    batches = _batch_sizes(args)
     check_density(args.density, "--density")
-    inputs = {f"--{k}": Path(v) for k, v in (("dense", args.dense), ("compressed", args.compressed))
+    inputs = {f"--{k}": Path(v) for k, v in (("dense", args.dense), *(("compressed", c) for c in args.compressed))
               if v and Path(v).exists()}
     check_json_target(args.json, inputs)
     if args.compressed:
-        if not args.dense:
-            raise ValueError("--compressed needs --dense, the model it was compressed from")
-        read_pifa_config(args.compressed)  # a wrong --compressed fails before the dense model loads
-        dense, _ = load_dense(args.dense, dtype, device)
-        compressed = load_compressed(args.compressed, device=device, dtype=dense.dtype)
-        if vocabulary_size(compressed) != vocabulary_size(dense):
-            raise ValueError(f"--compressed has a vocabulary of {vocabulary_size(compressed)}, --dense one of "
-                             f"{vocabulary_size(dense)}: not the model it was compressed from")
-        models = {"dense": dense, "compressed": compressed}
+        models = _compressed_models(args, device, dtype)
     else:
         dense = synthetic_llama(args.hidden, args.mlp, args.blocks, args.vocab, dtype, device)
         models = {"dense": dense, f"pifa@{args.density}": random_pivot_copy(dense, args.density)}
-    result = bench_models(models, args.batch, args.prefill, args.decode, device, args.rounds)
-    print(f"pifa bench model: batch {args.batch}, prefill {args.prefill} tokens, decode {args.decode} tokens, "
-          f"device {device}")
+    models = _with_fused(models, args.fuse)
+    seconds = (compile_models(models, max(batches), args.prefill, args.decode, device, args.compile_backend)
+               if args.compile else None)
+    result = bench_model_table(models, batches, args.prefill, args.decode, device, args.rounds, seconds)
+    print(f"pifa bench model: batch sizes {','.join(map(str, batches))}, prefill {args.prefill} tokens, decode "
+          f"{args.decode} tokens, device {device}, threads {torch.get_num_threads()}"
+          f"{f', compiled ({args.compile_backend})' if args.compile else ', eager'}")
     print(format_table(result["rows"]))
     print(f"peak memory ({result['peak_memory_kind']}): {result['peak_memory_MB']} MB")
     _write_json(args.json, {"kind": "bench-model", **result})
