@@ -134,3 +134,51 @@ def test_density_bisection_is_never_better_than_the_latency_knapsack(table, caps
         gaps.append((speedup, round(bisection, 4), round(best, 4)))
     assert gaps
     print("speedup, bisection KL, knapsack optimum KL:", gaps)
+
+
+def test_sensitivity_speedup_plan_uses_the_latency_knapsack(tmp_path, monkeypatch):
+    """`speedup` with sensitivity ranks: the plan reaches the speed-up with the knapsack's KL, no more than the
+    density bisection's plan over the same measurements, and records the density it spends."""
+    import json
+
+    import pifa
+    from helpers import tiny_model
+    from pifa import allocation
+    from pifa.compress import plan
+    from pifa.sensitivity import _curve
+    from test_latency import CALIB, _synthetic
+
+    table_file = tmp_path / "latency.json"
+    table_file.write_text(json.dumps(_synthetic().to_dict()))
+    seen = {}
+
+    def spy(options, shapes, *args, **kwargs):
+        seen.update(options=options, shapes=shapes, ceilings=kwargs.get("ceilings", args[4] if len(args) > 4 else None))
+        return choose_ranks_for_speedup(options, shapes, *args, **kwargs)
+
+    monkeypatch.setattr(allocation, "choose_ranks_for_speedup", spy)
+    config = pifa.CompressionConfig(method="mpifa", allocation="sensitivity", latency_table=str(table_file),
+                                    speedup=1.3)
+    chosen, shapes = plan(tiny_model("llama"), config, CALIB, batch_size=2)
+    table = _synthetic()
+    assert chosen.speedup["decode"] >= 1.3
+    options, ceilings = seen["options"], seen["ceilings"]
+    assert all(r >= min(shapes[n]) or table.time(*shapes[n], "pifa", r) <= 1.0 for n, r in chosen.ranks.items())
+    kept = sum(m * n if chosen.ranks[k] >= min(m, n) else layer_parameters(m, n, chosen.ranks[k], "pifa")
+               for k, (m, n) in shapes.items())
+    assert chosen.density == pytest.approx(kept / sum(m * n for m, n in shapes.values()))
+
+    def kl(ranks):
+        return sum(0.0 if r >= min(shapes[n]) else float(np.interp(r, *_curve(options[n], 1))) for n, r in ranks.items())
+
+    pools = {n: "all" for n in shapes}
+
+    def ranks_at(density):
+        densities = {n: density for n in shapes}
+        ranks, scores = choose_ranks(options, shapes, densities, pools, "pifa", ceilings=ceilings)
+        return cap_to_break_even(ranks, shapes, ceilings, densities, pools), scores
+
+    bisected = ranks_at(_density_for_speedup(SimpleNamespace(speedup=1.3), table, shapes, ranks_at))[0]
+    assert kl(chosen.ranks) == pytest.approx(sum(chosen.scores.values()), abs=1e-9)
+    assert kl(chosen.ranks) <= kl(bisected) + 1e-9
+    print(f"speedup 1.3 on tiny llama: knapsack KL {kl(chosen.ranks):.3e}, density bisection KL {kl(bisected):.3e}")

@@ -19,6 +19,7 @@ from . import distributed, solver
 from .budget import (
     allocate_ranks,
     cap_to_break_even,
+    layer_parameters,
     outlier_ratio,
     owl_block_densities,
     split_densities,
@@ -29,6 +30,7 @@ from .latency import LatencyTable, load_or_measure, predicted_speedup
 from .model import is_attention, linear_shape, linear_weight, on_device
 from .rank_search import spectrum_ranks
 from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityCache, SensitivityProbe, output_head
+from .speed_plan import choose_ranks_for_speedup
 from .streams import Streams, checked_hidden, finite_weight
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class Context:
     pools: dict[str, str] = field(default_factory=dict)
     ceilings: dict[str, int] | None = None
     cost: dict[str, float] = field(default_factory=dict)
+    # a measured allocation's plan under a latency budget: (table, speedup) -> ranks (None: bisect the density)
+    speed_chooser: Callable[[LatencyTable, float], Ranks] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,12 @@ def _sensitivity(ctx: Context) -> Callable[[dict[str, float]], Ranks]:
 
     def choose(densities: dict[str, float]) -> Ranks:
         return probe.choose(ctx.shapes, densities, ctx.pools, config.rank_multiple_of, ctx.ceilings)[:2]
+
+    def for_speedup(table: LatencyTable, speedup: float) -> Ranks:
+        return choose_ranks_for_speedup(probe.options, ctx.shapes, table, speedup, probe.kind,
+                                        config.rank_multiple_of, ctx.ceilings)
+
+    ctx.speed_chooser = for_speedup
 
     measured = probe.cost()
     ctx.cost.update({"seconds": measured.seconds, "forward_passes": measured.forward_passes,
@@ -157,10 +167,22 @@ def make_plan(ctx: Context) -> Plan:
             ranks = cap_to_break_even(ranks, ctx.shapes, ctx.ceilings, densities, ctx.pools)
         return ranks, scores
 
-    density = config.density if config.speedup is None else _density_for_speedup(config, table, ctx.shapes, ranks_at)
-    ranks, scores = ranks_at(density)
+    if config.speedup is not None and ctx.speed_chooser is not None:  # the KL knapsack with latency as the cost
+        ranks, scores = ctx.speed_chooser(table, config.speedup)
+        density = _planned_density(ctx.shapes, ranks)
+    else:
+        density = config.density if config.speedup is None else _density_for_speedup(config, table, ctx.shapes,
+                                                                                       ranks_at)
+        ranks, scores = ranks_at(density)
     return Plan(ranks=ranks, scores=scores, cost=ctx.cost,
                 speedup=_predicted(table, ctx.shapes, ranks) if table is not None else {}, density=density)
+
+
+def _planned_density(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> float:
+    """Parameters of a PIFA plan (full rank: dense) over the dense parameters of its linears."""
+    kept = sum(m * n if ranks[name] >= min(m, n) else layer_parameters(m, n, ranks[name], "pifa")
+               for name, (m, n) in shapes.items())
+    return kept / sum(m * n for m, n in shapes.values())
 
 
 def _latency(ctx: Context) -> tuple[LatencyTable | None, dict[str, int] | None]:

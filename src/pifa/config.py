@@ -113,8 +113,9 @@ class CompressionConfig:
                                              "there when missing); no linear is planned at a rank whose PIFA form "
                                              "decodes slower than its dense form: it stays dense instead")
     speedup: float | None = _field(None, "PIFA plans with a latency table: plan for this predicted decode speed-up "
-                                         "of the targeted linears instead of a density (the largest density that "
-                                         "reaches it)")
+                                         "of the targeted linears instead of a density (sensitivity ranks: the least "
+                                         "measured KL within that latency budget; other allocations: the largest "
+                                         "density that reaches it)")
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
