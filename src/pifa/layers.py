@@ -77,7 +77,7 @@ class _CompressedLinear(nn.Module):
 
     def _fused_first_stage(self, x: torch.Tensor) -> torch.Tensor | None:
         """This layer's columns of its group's fused first GEMM (eager inference only), else None."""
-        if self._needs_autograd(x) or self._fused is None:
+        if self._fused is None or self._needs_autograd(x):
             return None
         group, index = self._fused
         return group.product(index, x)
