@@ -26,6 +26,7 @@ from .io import write_safetensors
 from .layers import LAYER_KINDS
 from .model import set_module
 from .report import ModuleReport
+from .validate import first_line
 
 PROGRESS = "progress.json"
 
@@ -113,7 +114,7 @@ class Checkpoint:
             for leftover in (tmp, (self.directory / PROGRESS).with_name(PROGRESS + ".tmp")):
                 leftover.unlink(missing_ok=True)
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-                (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+                first_line(exc, 200))
             saved = len(self.state["blocks"])
             raise CheckpointWriteError(
                 f"could not write block {index} to checkpoint {str(self.directory)!r} ({detail}); the checkpoint "
@@ -135,6 +136,6 @@ class Checkpoint:
             safetensors.torch.load_model(block, str(file), strict=True, device=str(param.device))
             return [ModuleReport(**r) for r in entry["reports"]]
         except (KeyError, TypeError, AttributeError, RuntimeError, safetensors.SafetensorError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ValueError(f"checkpoint {str(self.directory)!r} is corrupt (block {index}: {first}); "
                              "start afresh with another checkpoint_dir") from None

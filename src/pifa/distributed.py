@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .validate import first_line
+
 T = TypeVar("T")
 TIMEOUT_ENV = "PIFA_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 1800)
 
@@ -87,7 +89,7 @@ def dist_timeout() -> float:
 
 def join_error(exc: BaseException, timeout: float) -> str:
     """The one line for a process that could not join the process group its environment describes."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = first_line(exc, 200)
     where = ", ".join(f"{key}={os.environ[key]}" for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
                       if key in os.environ)
     waited = f" within {timeout:g} s" if "time" in first.lower() else ""

@@ -37,6 +37,7 @@ from torch import nn
 
 from ._version import __version__
 from .layers import LAYER_KINDS, is_compressed, layer_kind
+from .validate import first_line
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "pifa_config.json"
@@ -108,7 +109,7 @@ def read_pifa_config(path: str | os.PathLike) -> dict[str, Any]:
     except RecursionError:
         raise ValueError(f"{CONFIG_NAME} in {str(path)!r} nests its JSON too deeply to be a pifa config") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer beyond Python's 4300 digits
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise ValueError(f"{CONFIG_NAME} in {str(path)!r} is not valid JSON: {first}") from None
     version = spec.get("format_version") if isinstance(spec, dict) else None
     if version != FORMAT_VERSION:
@@ -190,7 +191,7 @@ def read_header(files: list[str | os.PathLike]) -> dict[str, tuple[tuple[int, ..
                     piece = handle.get_slice(key)
                     header[key] = (tuple(piece.get_shape()), piece.get_dtype())
         except Exception as exc:  # safetensors raises its own error types (SafetensorError) for corrupt files
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ValueError(f"{str(file)!r} is not a readable safetensors file: {first}") from None
     return header
 
@@ -291,7 +292,7 @@ def read_index(path: str | os.PathLike) -> list[str]:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-            (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            first_line(exc))
         raise ValueError(f"{where} is not valid JSON ({detail}): refused rather than guessed around") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

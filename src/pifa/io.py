@@ -45,7 +45,7 @@ from .format import (
 from .inputs import check_declared_sizes, check_model_tensors
 from .layers import LAYER_KINDS, PivotLinear
 from .model import is_linear, linear_shape
-from .validate import parse_device, parse_dtype
+from .validate import first_line, parse_device, parse_dtype
 
 if TYPE_CHECKING:
     import transformers
@@ -84,7 +84,7 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def writing_error(path: str | os.PathLike, exc: BaseException) -> ValueError:
     """A one-line ``ValueError`` for a failed write (full disk, read-only folder, a file in the way, ...)."""
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-        (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        first_line(exc))
     return ValueError(f"could not write {str(path)!r}: {detail}")
 
 
@@ -269,21 +269,25 @@ def build_from_config(config: transformers.PretrainedConfig) -> nn.Module:
     return cls(config)
 
 
-def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device with empty compressed layers swapped in.
-
-    Built with ``dtype`` as torch's default dtype, as ``from_pretrained`` does: buffers the model
-    creates in an explicit dtype (e.g. rotary ``inv_freq`` in float32) keep it, so the logits match
-    ``from_pretrained(..., dtype=dtype)`` exactly.
-    """
+@contextlib.contextmanager
+def building_on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside are on the meta device, built with ``dtype`` as torch's default dtype, as
+    ``from_pretrained`` does: buffers the model creates in an explicit dtype (e.g. rotary ``inv_freq`` in
+    float32) keep it, so the logits match ``from_pretrained(..., dtype=dtype)`` exactly."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = build_from_config(config)
-            replace_with_compressed_layers(model, spec["modules"])  # in the dtype of the linears they replace
+            yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _build_skeleton(config: transformers.PretrainedConfig, spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device with empty compressed layers swapped in (see :func:`building_on_meta`)."""
+    with building_on_meta(dtype):
+        model = build_from_config(config)
+        replace_with_compressed_layers(model, spec["modules"])  # in the dtype of the linears they replace
     config.dtype = dtype
     return model
 
@@ -398,7 +402,7 @@ def load_compressed(
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError, RecursionError) as exc:  # unreadable or too deep JSON, unknown model_type
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ValueError(f"could not read {HF_CONFIG_NAME} of {str(path)!r}: {first}") from None
     _check_quantization_config(config, spec)
     check_declared_sizes(config, header, f"compressed model {str(path)!r}")

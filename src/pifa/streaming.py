@@ -29,12 +29,20 @@ from torch import nn
 
 from . import distributed
 from .config import CompressionConfig
-from .format import INDEX_NAME, check_no_custom_code, compressed_modules, sentinel_tensors, weight_files
+from .format import (
+    INDEX_NAME,
+    check_no_custom_code,
+    compressed_modules,
+    read_header,
+    sentinel_tensors,
+    weight_files,
+)
 from .inputs import check_declared_sizes, check_model_tensors
-from .io import build_from_config, staged_directory, unique_tensors, write_metadata
+from .io import build_from_config, building_on_meta, staged_directory, unique_tensors, write_metadata
 from .model import find_blocks
 from .report import CompressionReport
 from .streams import Residency
+from .validate import first_line
 
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
 
@@ -48,16 +56,11 @@ class WeightSource:
         self.header: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
         files = weight_files(self.folder)  # model.safetensors or the shards of a valid index of the folder's own
         for file in files:
-            try:
-                with safetensors.safe_open(str(file), framework="pt") as handle:
-                    for key in handle.keys():
-                        if key in self.files:
-                            raise ValueError(f"tensor {key!r} is in both {self.files[key].name} and {file.name}")
-                        self.files[key] = file
-                        piece = handle.get_slice(key)
-                        self.header[key] = (tuple(piece.get_shape()), piece.get_dtype())
-            except safetensors.SafetensorError as exc:
-                raise ValueError(f"{str(file)!r} is not a readable safetensors file: {exc}") from None
+            for key, entry in read_header([file]).items():
+                if key in self.files:
+                    raise ValueError(f"tensor {key!r} is in both {self.files[key].name} and {file.name}")
+                self.files[key] = file
+                self.header[key] = entry
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Tensors ``names`` (floating-point ones cast to ``dtype`` when given), each file opened once and
@@ -107,17 +110,12 @@ def skeleton(folder: str | os.PathLike, dtype: torch.dtype, header: dict[str, An
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError, RecursionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ValueError(f"could not read the config of model {str(folder)!r}: {first}") from None
     if header is not None:
         check_declared_sizes(config, header, f"model {str(folder)!r}")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = build_from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with building_on_meta(dtype):
+        model = build_from_config(config)
     model.config.dtype = dtype
     for module in model.modules():  # non-persistent buffers are computed, not stored: compute them
         if module._non_persistent_buffers_set:

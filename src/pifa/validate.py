@@ -89,3 +89,9 @@ def check_seed(value: Any, name: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
         raise ValueError(f"{name} {value!r} is out of range: use an integer in [0, 2**64)")
     return value
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), cut at ``limit`` characters:
+    what pifa's one-line errors quote of an error from another library."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

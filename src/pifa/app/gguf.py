@@ -24,6 +24,7 @@ from torch import nn
 
 from ..data import MAX_CHAT_TEMPLATE
 from ..inputs import check_loading_info, quiet_load_report
+from ..validate import first_line
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -300,10 +301,6 @@ def _memoized_tensor_name_map() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def load_gguf(path: str | Path, dtype: torch.dtype | str | None = "auto",
               device: torch.device | str | None = "cpu") -> tuple[nn.Module, Any]:
     """A dense causal LM and its tokenizer (chat template included) from a GGUF file or a folder holding one.
@@ -333,7 +330,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = "auto",
                 str(folder), gguf_file=name, dtype=dtype, trust_remote_code=False, output_loading_info=True, **dense)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 -- a corrupt file fails deep inside numpy/struct in many ways
-        message = _one_line(exc)
+        message = first_line(exc)
         if not isinstance(exc, (ValueError, OSError)):
             message = f"{'struct.error' if isinstance(exc, struct.error) else type(exc).__name__}: {message}"
         if isinstance(exc, NotImplementedError) or "not supported" in message or "Unrecognized config" in message:

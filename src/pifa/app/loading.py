@@ -13,7 +13,7 @@ from torch import nn
 from ..format import check_no_custom_code, read_header, weight_files
 from ..inputs import check_declared_sizes, check_header_fits, check_loading_info, quiet_load_report
 from ..io import build_from_config, model_class
-from ..validate import parse_device, parse_dtype
+from ..validate import first_line, parse_device, parse_dtype
 from .gguf import GGUF_SUFFIX, find_gguf, load_gguf
 
 
@@ -46,10 +46,6 @@ def _local_architectures(path: Path) -> Any:
     if not isinstance(config, dict):
         raise ValueError(f"config.json of model {str(path)!r} is not a JSON object")
     return config.get("architectures")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_dense(model: str, dtype: str | None = "auto", device: str | None = "auto") -> tuple[nn.Module, Any]:
@@ -93,7 +89,7 @@ def load_dense(model: str, dtype: str | None = "auto", device: str | None = "aut
                                               output_loading_info=True, ignore_mismatched_sizes=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # transformers, hub and safetensors errors
-        message = _first_line(exc)
+        message = first_line(exc)
         if message.startswith(f"model {model!r}"):
             raise ValueError(message) from None
         raise ValueError(f"could not load model {model!r}: {message}") from None
@@ -137,4 +133,4 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"could not load the tokenizer of {str(path)!r}: {_first_line(exc)}") from None
+        raise ValueError(f"could not load the tokenizer of {str(path)!r}: {first_line(exc)}") from None

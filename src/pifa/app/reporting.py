@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..validate import first_line
+
 QUALITY_METRICS = (("heldout", "ppl"), ("wikitext", "ppl"), ("cosine", None), ("top1_agreement", None), ("ppl", None))
 
 
@@ -268,7 +270,7 @@ def write_report(results: list[str], out: str) -> Path:
         except RecursionError:
             raise ValueError(f"{name!r} nests its JSON too deeply to be a pifa results file") from None
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer beyond Python's 4300 digits
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             raise ValueError(f"{name!r} is not valid JSON: {first}") from None
         kind = _kind(data, path)
         loaded.append((path, kind, _checked_rows(kind, data, name)))

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from ..validate import first_line
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: list[str], batch_size: in
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=0,
                                           log_samples=False, bootstrap_iters=0)
     except OSError as exc:  # the task data come from the hub: offline, unreachable, missing (ConnectionError, ...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ValueError(f"lm-eval could not load the data of {', '.join(tasks)} (offline? the task data come "
                          f"from the Hugging Face hub): {first}") from None
     metrics: dict[str, dict[str, float]] = {}
