@@ -29,14 +29,7 @@ from torch import nn
 
 from . import distributed
 from .config import CompressionConfig
-from .format import (
-    INDEX_NAME,
-    check_no_custom_code,
-    compressed_modules,
-    read_header,
-    sentinel_tensors,
-    weight_files,
-)
+from .format import INDEX_NAME, check_no_custom_code, compressed_modules, read_header, sentinel_tensors, weight_files
 from .inputs import check_declared_sizes, check_model_tensors
 from .io import build_from_config, building_on_meta, staged_directory, unique_tensors, write_metadata
 from .model import find_blocks
