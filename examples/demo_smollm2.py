@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 import pifa
 from pifa.app.bench import bench_models
 from pifa.app.gguf import load_gguf
-from pifa.data import calibration_batches, chat_documents, load_texts
+from pifa.data import CALIB_FORMATS, calibration_batches, calibration_format, chat_documents, load_texts
 from pifa.evaluate import perplexity_of_text
 from pifa.model import find_blocks
 from pifa.tables import format_table
@@ -85,18 +85,20 @@ def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--density", type=float, default=0.8)
+    parser.add_argument("--density", type=float, default=0.9)
     parser.add_argument("--latency-table", default=".cache/latency.json",
                         help="layer timings of this machine (measured there when missing): no linear is planned at a "
                              "rank whose PIFA form decodes slower than its dense form; 'none' for a plain plan")
     parser.add_argument("--method", default="mpifa")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--calib-format", choices=("chat", "text"), default="chat",
-                        help="chat: WikiText-2 paragraphs as assistant replies in the chat template; text: plain")
+    parser.add_argument("--calib-format", choices=CALIB_FORMATS, default="auto",
+                        help="chat: WikiText-2 paragraphs as assistant replies in the chat template; text: plain; "
+                             "auto (pifa's default): chat when the tokenizer has a chat template")
     parser.add_argument("--ppl-windows", type=int, default=16, help="evenly spaced WikiText-2 test windows")
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--prefill", type=int, default=256, help="prompt tokens of the prefill timing")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     parser.add_argument("--json", default="results/demo_smollm2.json")
     args = parser.parse_args()
@@ -107,7 +109,8 @@ def main() -> None:
     dense, tokenizer = load_gguf(smollm2_gguf(), "float32", "cpu")
     steps.update()
     documents = calib_docs
-    if args.calib_format == "chat":  # an instruct model: calibrate on what it sees when it chats
+    calib_format = calibration_format(tokenizer, args.calib_format)  # SmolLM2-Instruct has a chat template: chat
+    if calib_format == "chat":  # an instruct model: calibrate on what it sees when it chats
         documents = chat_documents(tokenizer, documents)
     calib = calibration_batches(tokenizer, documents, args.samples, args.seq_len, seed=0)
     model = copy.deepcopy(dense)
@@ -123,6 +126,7 @@ def main() -> None:
         pifa.save_compressed(model, Path(tmp) / "smollm2-pifa", tokenizer=tokenizer, compression=config.to_dict())
         del model
         compressed = AutoModelForCausalLM.from_pretrained(Path(tmp) / "smollm2-pifa", dtype=torch.float32).eval()
+    pifa.fuse_siblings(compressed)  # q/k/v and gate/up that read one input: one first GEMM (eager inference)
     steps.update()
     models = {"dense": dense, f"{args.method}@{args.density}": compressed}
     steps.set_description("demo: perplexity")
@@ -130,25 +134,27 @@ def main() -> None:
            for name, m in models.items()}
     steps.update()
     steps.set_description("demo: decode speed")
-    speed = {row["model"]: row for row in bench_models(models, 1, 64, 32, "cpu", rounds=3)["rows"]}
+    speed = {row["model"]: row for row in bench_models(models, 1, args.prefill, 32, "cpu", rounds=5)["rows"]}
     steps.update()
     steps.set_description("demo: chat answers")
     answers = {name: [answer(m, tokenizer, p, args.max_new_tokens) for p in PROMPTS] for name, m in models.items()}
     steps.update()
     steps.close()
     rows = [{"model": name, **memory(m), "ppl": round(ppl[name]["ppl"], 2),
+             "prefill_tok_s": speed[name]["prefill_tok_s"], "prefill_x": speed[name]["prefill_x"],
              "decode_tok_s": speed[name]["decode_tok_s"], "decode_x": speed[name]["decode_x"]}
             for name, m in models.items()]
     first = next(iter(ppl.values()))
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.method} at density {args.density} "
           f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} tokens of {text_label} "
-          f"({'as chat replies' if args.calib_format == 'chat' else 'plain text'}), "
+          f"({'as chat replies' if calib_format == 'chat' else 'plain text'}; --calib-format {args.calib_format}), "
           f"compressed in {report.seconds:.0f} s"
           + (f" (predicted decode speed-up of the block linears {report.predicted_speedup['decode']:.2f}x; "
              f"{sum(m.kind == 'dense' for m in report.modules)} of {len(report.modules)} stay dense)"
              if report.predicted_speedup else "")
           + f"; perplexity on {first['windows']} evenly spaced "
-          f"{args.ppl_seq_len}-token test windows (BOS: none); decode: batch 1, 32 tokens, "
+          f"{args.ppl_seq_len}-token test windows (BOS: none); speed: batch 1, prefill {args.prefill} tokens, "
+          f"decode 32 tokens, median of 5 interleaved rounds, "
           f"{torch.get_num_threads()} threads")
     print(format_table(rows))
     for i, prompt in enumerate(PROMPTS):
@@ -158,7 +164,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "kind": "demo", "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "config": config.to_dict(),
-        "calibration": {"source": text_label, "format": args.calib_format, "samples": args.samples,
+        "calibration": {"source": text_label, "format": calib_format, "format_requested": args.calib_format,
+                        "samples": args.samples,
                         "seq_len": args.seq_len},
         "perplexity": {name: {k: v for k, v in r.items() if k != "model"} for name, r in ppl.items()},
         "rows": rows, "answers": {name: dict(zip(PROMPTS, a)) for name, a in answers.items()},
@@ -166,6 +173,9 @@ def main() -> None:
         "predicted_speedup": report.predicted_speedup, "replay_difference": report.replay_difference,
         "dense_linears": [m.name for m in report.modules if m.kind == "dense"],
     }, indent=2) + "\n")
+    silent = [p for p, a in zip(PROMPTS, answers[f"{args.method}@{args.density}"]) if not a]
+    if silent:  # an instruct model that answers nothing is a broken result (issue 28 item 7): the demo fails
+        raise SystemExit(f"the compressed model answered nothing to {len(silent)} of {len(PROMPTS)} prompts")
 
 
 if __name__ == "__main__":
