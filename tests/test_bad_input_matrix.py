@@ -323,7 +323,7 @@ def _damage_index(root, dense, damage):
         index.symlink_to(root / "elsewhere.json")
 
 
-# A compressed folder missing or mistyping an *uncompressed* tensor (the compressed ones: test_trust.py).
+# A compressed folder missing or mistyping an *uncompressed* tensor (the compressed ones: test_from_pretrained.py).
 COMPRESSED_DAMAGE = {
     "missing-norm": "lacks weights the model needs: 'model.norm.weight'",
     "missing-head": "lacks weights the model needs: 'lm_head.weight'",
@@ -813,7 +813,6 @@ def test_an_index_linked_inside_the_folder_or_to_the_hub_cache_blobs_is_the_fold
 def test_a_chat_template_that_renders_for_ever_is_stopped(monkeypatch):
     """The time limit behind ``chat-template-builds-2gb``'s memory limit: nested loops the sandbox allows (each
     range below its 100,000 cap) run 10^10 steps; the render is stopped at the limit (30 s, here 0.5 s)."""
-    import time
 
     import pifa.data
     from helpers import char_tokenizer
@@ -821,11 +820,9 @@ def test_a_chat_template_that_renders_for_ever_is_stopped(monkeypatch):
     tokenizer = char_tokenizer(64)
     tokenizer.chat_template = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
     monkeypatch.setattr(pifa.data, "CHAT_RENDER_SECONDS", 0.5)
-    start = time.monotonic()
     with pytest.raises(ValueError, match=r"^the tokenizer's chat template takes more than 0.5 s to render one "
                                          r"conversation: refused$"):
         pifa.data.render_chat(tokenizer, [{"role": "user", "content": "hi"}])
-    assert time.monotonic() - start < 10
 
 
 def test_a_full_disk_under_the_sensitivity_cache_keeps_the_measurements(env, tmp_path, monkeypatch, capsys):
@@ -1126,13 +1123,11 @@ def test_a_compressed_folder_declaring_sizes_its_weights_lack_is_refused_before_
     """The Python API's side of ``declared-*-compressed-eval``: ``from_pretrained`` after ``import pifa`` (checked in
     the quantizer's last hook before transformers builds the model: 100,000 layers took minutes and GBs) and
     ``load_compressed`` raise a one-line ValueError."""
-    import time
 
     config = json.loads((env / "comp" / "config.json").read_text())
     config.update(DECLARED[damage][0])
     (env / "comp" / "config.json").write_text(json.dumps(config))
     load = {"from_pretrained": transformers.AutoModelForCausalLM.from_pretrained, "load_compressed": load_compressed}
-    start = time.monotonic()
     with pytest.raises(ValueError, match=re.escape(DECLARED[damage][1])) as info:
         load[loader](env / "comp")
-    assert "\n" not in str(info.value) and time.monotonic() - start < 30
+    assert "\n" not in str(info.value)

@@ -205,6 +205,17 @@ def _tolerance(reference: torch.Tensor) -> float:
     return (16 if reference.dtype in (torch.float32, torch.float64) else 2) * eps * max(1.0, scale)
 
 
+def _replay(inputs: BlockInputs, index: int, block: nn.Module, hidden: torch.Tensor,
+            device: torch.device) -> torch.Tensor:
+    """``inputs.call``, with whatever the block's own code raises turned into one line refusing the model."""
+    try:
+        return inputs.call(index, block, hidden, device)
+    except Exception as error:  # noqa: BLE001 - the block's own code: whatever it raises, one line
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"cannot replay transformer block {index} on its own with the inputs the model passes it "
+                         f"({type(error).__name__}: {first}); this architecture is not supported") from error
+
+
 def replay_differences(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, inputs: BlockInputs,
                        device: torch.device,
                        resident: Callable[[int, nn.Module], contextlib.AbstractContextManager[Any]]
@@ -237,12 +248,7 @@ def replay_differences(model: nn.Module, blocks: nn.ModuleList, batch: torch.Ten
             true = output[0] if isinstance(output, (tuple, list)) else output
             state["replaying"] = True
             try:
-                replayed = inputs.call(index, block, state["input"], device)
-            except Exception as error:  # noqa: BLE001 - the block's own code: whatever it raises, one line
-                first = str(error).splitlines()[0] if str(error) else ""
-                raise ValueError(f"cannot replay transformer block {index} on its own with the inputs the model "
-                                 f"passes it ({type(error).__name__}: {first}); this architecture is not "
-                                 "supported") from error
+                replayed = _replay(inputs, index, block, state["input"], device)
             finally:
                 state["replaying"] = False
                 state["stack"].close()
