@@ -14,6 +14,7 @@ from torch import nn
 
 from .faults import crash_point
 from .model import hooks
+from .validate import first_line
 
 
 class _Stop(Exception):
@@ -211,9 +212,9 @@ def _replay(inputs: BlockInputs, index: int, block: nn.Module, hidden: torch.Ten
     try:
         return inputs.call(index, block, hidden, device)
     except Exception as error:  # noqa: BLE001 - the block's own code: whatever it raises, one line
-        first = str(error).splitlines()[0] if str(error) else ""
         raise ValueError(f"cannot replay transformer block {index} on its own with the inputs the model passes it "
-                         f"({type(error).__name__}: {first}); this architecture is not supported") from error
+                         f"({type(error).__name__}: {first_line(error)}); this architecture is not "
+                         "supported") from error
 
 
 def replay_differences(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, inputs: BlockInputs,
