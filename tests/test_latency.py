@@ -11,9 +11,10 @@ from torch import nn
 
 import pifa
 from helpers import tiny_model
+from pifa import latency
 from pifa.budget import layer_parameters
 from pifa.compress import plan
-from pifa.latency import FORMAT, VERSION, LatencyTable, device_key, load_or_measure, measure_table
+from pifa.latency import VERSION, LatencyTable, device_key, load_or_measure, measure_table
 
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 SHAPES = {(32, 32), (16, 32), (64, 32), (32, 64)}  # tiny llama's linears
@@ -123,6 +124,7 @@ def test_measure_table_rows_ascend_to_full_rank():
     ("other-threads", "was measured elsewhere"),
     ("not-json", "is not a pifa latency table"),
     ("wrong-format", "is not a pifa latency table"),
+    ("old-version", "was measured by another pifa"),
     ("symlink", "is not a regular file"),
     ("unwritable", "cannot write the latency table"),
 ])
@@ -133,7 +135,8 @@ def test_bad_latency_tables_are_one_line_and_untouched(tmp_path, damage, message
         data["key"]["device"] = "cuda:NVIDIA H200"
     if damage == "other-threads":
         data["key"]["threads"] = data["key"]["threads"] + 7
-    text = {"not-json": "{", "wrong-format": json.dumps({"format": FORMAT, "version": VERSION + 1})}.get(
+    text = {"not-json": "{", "wrong-format": json.dumps({"format": "other", "version": VERSION}),
+            "old-version": json.dumps({**data, "version": VERSION - 1})}.get(
         damage, json.dumps(data))
     if damage == "symlink":
         (tmp_path / "notes.txt").write_text("keep me")
@@ -174,3 +177,20 @@ def test_cli_dry_run_prints_the_predicted_speedup(tmp_path, table_file, capsys):
     assert main(["--threads", other, *argv, "--dry-run"]) == 2  # measured with other threads: refused
     assert "was measured elsewhere" in capsys.readouterr().err
     torch.set_num_threads(int(threads))
+
+
+@pytest.mark.parametrize("cold_bytes, expected", [(0, 1), (20 * 12 * 4 * 3, 3), (10**12, latency.MAX_COPIES)])
+def test_forms_are_timed_cold_over_rotating_copies(monkeypatch, cold_bytes, expected):
+    seen = []
+
+    def timed(copies, x, reps):
+        seen.append((len(copies), len({id(c) for c in copies})))
+        return 1e-3
+
+    monkeypatch.setattr(latency, "_timed", timed)
+    measure_table({(12, 20)}, ("pifa",), grid=2, rounds=1, progress=False, cold_bytes=cold_bytes)
+    assert seen and all(count == distinct == expected for count, distinct in seen)
+
+
+def test_cache_bytes_reads_a_size():
+    assert latency.cache_bytes("cpu") >= 2**10

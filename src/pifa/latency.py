@@ -2,7 +2,10 @@
 
 A :class:`LatencyTable` holds, for each linear shape (out, in) of a model, the time of the dense layer and of
 its factored forms (PIFA, low-rank) at a grid of ranks, at decode (one token) and at prefill (``PREFILL``
-tokens), measured on one device, dtype and thread count (its ``key``). From it come each shape's
+tokens), measured on one device, dtype and thread count (its ``key``), with cold weights as in a real model
+(each form timed over rotating copies whose bytes exceed the last-level cache twice, so every call reads its
+weights from memory, as each linear does when the rest of the model ran in between; a layer timed hot in
+cache overstates what its extra kernel launches cost against the bytes it saves). From it come each shape's
 **break-even rank** (the largest rank whose factored form decodes no slower than the dense layer) and the
 predicted speed-up of a plan. Tables are cached in a JSON file (:func:`load_or_measure`); a table measured
 elsewhere (another device, dtype, thread count or torch) is never used silently.
@@ -10,7 +13,9 @@ elsewhere (another device, dtype, thread count or torch) is never used silently.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -25,11 +30,13 @@ from .budget import rank_kind
 from .layers import LowRankLinear, PivotLinear
 
 FORMAT = "pifa-latency-table"
-VERSION = 1
+VERSION = 2  # 2: cold weights (rotating copies past the last-level cache); 1 timed each layer hot in cache
 PREFILL = 128  # tokens of the prefill measurement
 GRID = 12  # ranks measured per shape and kind, evenly spaced up to full rank
 ROUNDS = 9  # interleaved timing rounds; the median is kept
 ROUND_SECONDS = 4e-3  # each form's calls per round last about this long
+MAX_COPIES = 256  # rotating copies of one form at most (tiny shapes stay partly in cache)
+DEFAULT_CACHE_BYTES = 32 * 2**20  # last-level cache assumed where the system does not say
 
 
 def device_key(device: torch.device | str, dtype: torch.dtype) -> dict[str, str | int]:
@@ -48,6 +55,21 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "cpu"
+
+
+def cache_bytes(device: torch.device | str) -> int:
+    """The last-level cache of ``device``: CUDA's L2, else the largest CPU cache sysfs lists."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size) or DEFAULT_CACHE_BYTES
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=DEFAULT_CACHE_BYTES)
 
 
 def _shape_key(m: int, n: int) -> str:
@@ -102,8 +124,12 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, data: object, source: str) -> LatencyTable:
+        if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") != VERSION:
+            raise ValueError(f"{source} was measured by another pifa (latency table version {data.get('version')!r}, "
+                             f"this pifa reads version {VERSION}: cold-weight timings); give another file or delete "
+                             "it to measure again")
         try:
-            if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError
             dense = {k: (float(v[0]), float(v[1])) for k, v in data["dense"].items()}
             factored = {kind: {k: [(int(r), float(d), float(p)) for r, d, p in rows] for k, rows in shapes.items()}
@@ -115,12 +141,13 @@ class LatencyTable:
             raise ValueError(f"{source} is not a pifa latency table (format {FORMAT} version {VERSION})") from None
 
 
-def _timed(fn, x: torch.Tensor, reps: int) -> float:  # noqa: ANN001
+def _timed(copies: list[nn.Module], x: torch.Tensor, reps: int) -> float:
+    """Seconds per call over ``reps`` calls, rotating through ``copies`` of one form."""
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     start = time.perf_counter()
-    for _ in range(reps):
-        fn(x)
+    for i in range(reps):
+        copies[i % len(copies)](x)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return (time.perf_counter() - start) / reps
@@ -135,25 +162,31 @@ def _factored(kind: str, m: int, n: int, rank: int, device: torch.device, dtype:
 
 def measure_table(shapes: set[tuple[int, int]], kinds: tuple[str, ...], device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32, grid: int = GRID, rounds: int = ROUNDS,
-            progress: bool = True) -> LatencyTable:
+            progress: bool = True, cold_bytes: int | None = None) -> LatencyTable:
     """Time every shape's dense layer and its factored forms at ``grid`` ranks up to full rank, at decode and
-    prefill; each time is the median of ``rounds`` rounds, the forms of a shape interleaved within a round."""
+    prefill; each time is the median of ``rounds`` rounds, the forms of a shape interleaved within a round.
+    Each form rotates through as many copies as the dense layer needs to fill ``cold_bytes`` (default twice
+    the last-level cache; 0: one copy, hot), so its weights are read from memory as in a model's forward."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     table = LatencyTable(device_key(device, dtype))
+    cold = 2 * cache_bytes(device) if cold_bytes is None else cold_bytes
     kinds = tuple(sorted({rank_kind(k) for k in kinds}))
     with torch.inference_mode():
         for m, n in tqdm(sorted(shapes), desc="pifa latency", unit="shape", disable=not progress):
             top = min(m, n)
             ranks = sorted({max(1, round(top * (i + 1) / grid)) for i in range(grid)})
-            layers: dict[tuple[str, int | None], nn.Module] = {
+            copies = min(MAX_COPIES, max(1, math.ceil(cold / (m * n * dtype.itemsize))))
+            forms: dict[tuple[str, int | None], nn.Module] = {
                 ("dense", None): nn.Linear(n, m, bias=False).to(device=device, dtype=dtype)}
-            layers.update({(kind, r): _factored(kind, m, n, r, device, dtype) for kind in kinds for r in ranks})
+            forms.update({(kind, r): _factored(kind, m, n, r, device, dtype) for kind in kinds for r in ranks})
+            layers = {key: [form] + [copy.deepcopy(form) for _ in range(copies - 1)] for key, form in forms.items()}
             times: dict[tuple[str, int | None], list[list[float]]] = {k: [[], []] for k in layers}
             for column, tokens in enumerate((1, PREFILL)):
                 x = torch.randn(tokens, n, device=device, dtype=dtype)
                 reps = max(3, int(ROUND_SECONDS / max(_timed(layers[("dense", None)], x, 3), 1e-7)))
+                reps = max(reps, min(copies, 4 * reps))  # each round reaches most copies
                 for layer in layers.values():  # warm-up
                     _timed(layer, x, 2)
                 for _ in range(rounds):
