@@ -173,6 +173,27 @@ def test_every_cli_rewording_matches_a_core_message():
         assert cli_message(f"x {phrase} y") == f"x {cli} y"
 
 
+def test_the_cli_names_every_config_field_by_its_flag():
+    """Core errors name CompressionConfig's fields; the command line prints the flag its user typed instead."""
+    import dataclasses
+
+    from pifa.app.cli import build_parser
+    from pifa.app.flags import cli_message
+
+    compress = build_parser()._subparsers._group_actions[0].choices["compress"]
+    flags = {option for action in compress._actions for option in action.option_strings}
+    for field in dataclasses.fields(pifa.CompressionConfig):
+        if field.name == "version":
+            continue
+        printed = cli_message(f"{field.name} 3 must be positive")
+        flag = printed.split()[0]
+        assert flag in flags and printed == f"{flag} 3 must be positive", printed
+        if "_" in field.name:  # an identifier: reworded wherever it stands, not inside a longer name
+            assert cli_message(f"it needs a {field.name}") == f"it needs a {flag}"
+            assert cli_message(f"model.{field.name}x") == f"model.{field.name}x"
+    assert cli_message("the achieved density 0.5") == "the achieved density 0.5"  # prose keeps its words
+
+
 CLOCKS = {"time", "perf_counter", "monotonic", "process_time", "time_ns", "perf_counter_ns", "monotonic_ns"}
 TIMED_ELSEWHERE: set[str] = set()
 

@@ -14,7 +14,7 @@ import torch
 from .. import distributed
 from .._version import __version__
 from . import commands
-from .flags import cli_message
+from .flags import cli_message, config_flag
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(CompressionConfig):
         if field.name == "version":
             continue
-        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata.get("help")
+        flag, help_text = config_flag(field.name), field.metadata.get("help")
         if field.name in listed:
             help_text = f"{help_text} (one of: {', '.join(listed[field.name])})"
         if isinstance(field.default, bool):
