@@ -323,7 +323,7 @@ def _damage_index(root, dense, damage):
         index.symlink_to(root / "elsewhere.json")
 
 
-# A compressed folder missing or mistyping an *uncompressed* tensor (the compressed ones: test_from_pretrained.py).
+# A compressed folder missing or mistyping an *uncompressed* tensor (the compressed ones: test_hf.py).
 COMPRESSED_DAMAGE = {
     "missing-norm": "lacks weights the model needs: 'model.norm.weight'",
     "missing-head": "lacks weights the model needs: 'lm_head.weight'",
