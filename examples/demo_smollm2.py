@@ -17,6 +17,7 @@ import copy
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from pifa.model import find_blocks
 from pifa.tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CACHE = ROOT / "examples" / "smollm2_sensitivity.json"  # made by benchmarks/bench_speed_smollm2.py
 PROMPTS = (
     "What is the capital of France?",
     "Name the three primary colors.",
@@ -83,9 +85,28 @@ def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def sensitivity_cache(args: argparse.Namespace) -> pifa.SensitivityCache | None:
+    """The sensitivity cache the demo plans with (None for other allocations), seeded from the shipped one."""
+    if args.allocation != "sensitivity":
+        return None
+    path = Path(args.sensitivity_cache)
+    if not path.exists() and SHIPPED_CACHE.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHIPPED_CACHE, path)
+    return pifa.SensitivityCache(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--density", type=float, default=0.9)
+    parser.add_argument("--speedup", type=float, default=1.08,
+                        help="plan for this predicted decode speed-up of the whole model (0: plan for --density)")
+    parser.add_argument("--density", type=float, default=0.9, help="the parameter budget when --speedup is 0")
+    parser.add_argument("--allocation", default="sensitivity",
+                        help="sensitivity: per-linear ranks of least measured output KL (see --sensitivity-cache)")
+    parser.add_argument("--sensitivity-cache", default=".cache/sensitivity_smollm2.json",
+                        help=f"measured KLs (about 25 min on 2 cores to measure); when missing it starts as a copy of "
+                             f"{SHIPPED_CACHE.relative_to(ROOT)}, whose measurements are used only when this machine's "
+                             "dense logits and calibration tokens are bit-identical to those they were measured with")
     parser.add_argument("--latency-table", default=".cache/latency.json",
                         help="layer timings of this machine (measured there when missing): no linear is planned at a "
                              "rank whose PIFA form decodes slower than its dense form; 'none' for a plain plan")
@@ -114,12 +135,15 @@ def main() -> None:
         documents = chat_documents(tokenizer, documents)
     calib = calibration_batches(tokenizer, documents, args.samples, args.seq_len, seed=0)
     model = copy.deepcopy(dense)
-    steps.set_description(f"demo: compressing with {args.method} at density {args.density}")
     table = None if args.latency_table == "none" else args.latency_table
+    speedup = args.speedup if args.speedup and table is not None else None
+    plan = f"{args.method}/{args.allocation}" + (f"@speedup{speedup}" if speedup else f"@{args.density}")
+    steps.set_description(f"demo: compressing with {plan}")
     if table is not None:
         Path(table).parent.mkdir(parents=True, exist_ok=True)
-    config = pifa.CompressionConfig(density=args.density, method=args.method, latency_table=table)
-    report = pifa.compress(model, config, calib, device="cpu")
+    config = pifa.CompressionConfig(density=None if speedup else args.density, method=args.method,
+                                    allocation=args.allocation, latency_table=table, speedup=speedup)
+    report = pifa.compress(model, config, calib, device="cpu", sensitivity_cache=sensitivity_cache(args))
     steps.update()
     steps.set_description("demo: saving and reloading with transformers")
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +152,7 @@ def main() -> None:
         compressed = AutoModelForCausalLM.from_pretrained(Path(tmp) / "smollm2-pifa", dtype=torch.float32).eval()
     pifa.fuse_siblings(compressed)  # q/k/v and gate/up that read one input: one first GEMM (eager inference)
     steps.update()
-    models = {"dense": dense, f"{args.method}@{args.density}": compressed}
+    models = {"dense": dense, plan: compressed}
     steps.set_description("demo: perplexity")
     ppl = {name: perplexity_of_text(m, tokenizer, test_text, args.ppl_seq_len, 4, args.ppl_windows)
            for name, m in models.items()}
@@ -145,13 +169,17 @@ def main() -> None:
              "decode_tok_s": speed[name]["decode_tok_s"], "decode_x": speed[name]["decode_x"]}
             for name, m in models.items()]
     first = next(iter(ppl.values()))
-    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {args.method} at density {args.density} "
-          f"(achieved {report.density:.4f}), calibration {args.samples} x {args.seq_len} tokens of {text_label} "
+    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {plan} "
+          f"(density {report.density:.4f}), calibration {args.samples} x {args.seq_len} tokens of {text_label} "
           f"({'as chat replies' if calib_format == 'chat' else 'plain text'}; --calib-format {args.calib_format}), "
           f"compressed in {report.seconds:.0f} s"
-          + (f" (predicted decode speed-up of the block linears {report.predicted_speedup['decode']:.2f}x; "
-             f"{sum(m.kind == 'dense' for m in report.modules)} of {len(report.modules)} stay dense)"
-             if report.predicted_speedup else "")
+          + (f" (predicted decode speed-up: block linears {speed['decode']:.2f}x, whole model "
+             f"{speed.get('decode_model', float('nan')):.2f}x; "
+             f"{sum(m.kind == 'dense' for m in report.modules)} of {len(report.modules)} linears stay dense)"
+             if (speed := report.predicted_speedup) else "")
+          + (f"; sensitivity measurements: {cost['reused_measurements']} reused from the cache, "
+             f"{cost['forward_passes']} block passes, {cost['seconds']:.0f} s"
+             if (cost := report.allocation_cost) else "")
           + f"; perplexity on {first['windows']} evenly spaced "
           f"{args.ppl_seq_len}-token test windows (BOS: none); speed: batch 1, prefill {args.prefill} tokens, "
           f"decode 32 tokens, median of 5 interleaved rounds, "
@@ -173,7 +201,7 @@ def main() -> None:
         "predicted_speedup": report.predicted_speedup, "replay_difference": report.replay_difference,
         "dense_linears": [m.name for m in report.modules if m.kind == "dense"],
     }, indent=2) + "\n")
-    silent = [p for p, a in zip(PROMPTS, answers[f"{args.method}@{args.density}"]) if not a]
+    silent = [p for p, a in zip(PROMPTS, answers[plan]) if not a]
     if silent:  # an instruct model that answers nothing is a broken result (issue 28 item 7): the demo fails
         raise SystemExit(f"the compressed model answered nothing to {len(silent)} of {len(PROMPTS)} prompts")
 

@@ -194,3 +194,40 @@ def test_forms_are_timed_cold_over_rotating_copies(monkeypatch, cold_bytes, expe
 
 def test_cache_bytes_reads_a_size():
     assert latency.cache_bytes("cpu") >= 2**10
+
+
+def test_the_decode_step_is_timed_for_in_memory_causal_lms_only():
+    assert latency.time_decode_step(tiny_model("llama"), "cpu") > 0
+    assert latency.time_decode_step(tiny_model("bert"), "cpu") is None  # an encoder does not decode
+    assert latency.time_decode_step(tiny_model("llama"), "meta") is None  # its weights are elsewhere
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+def test_a_speedup_target_is_for_the_whole_decode_step_once_it_is_timed(table_file, monkeypatch, allocation):
+    """The step's time outside the targeted linears does not shrink: to reach 1.2x for the whole step the linears
+    must go faster than 1.2x, and the plan reports both figures."""
+    from pifa import allocation as planning
+
+    model = tiny_model("llama")
+    config = pifa.CompressionConfig(method="mpifa", allocation=allocation, latency_table=str(table_file),
+                                    speedup=1.2)
+    monkeypatch.setattr(planning, "time_decode_step", lambda model, device: None)  # not timed: the linears alone
+    alone, shapes = plan(model, config, CALIB, batch_size=2)
+    linears = float(len(shapes))  # the synthetic table's dense layer takes 1 s
+    monkeypatch.setattr(planning, "time_decode_step", lambda model, device: 1.5 * linears)
+    whole, _ = plan(model, config, CALIB, batch_size=2)
+    assert "decode_model" not in alone.speedup and alone.speedup["decode"] >= 1.2
+    assert whole.speedup["decode_model"] >= 1.2
+    rest = 0.5 * linears
+    assert whole.speedup["decode_model"] == pytest.approx((linears + rest) / (linears / whole.speedup["decode"] + rest))
+    assert whole.speedup["decode"] > alone.speedup["decode"] and whole.density < alone.density
+
+
+def test_an_unreachable_whole_model_speedup_names_the_largest(table_file, monkeypatch):
+    from pifa import allocation as planning
+
+    monkeypatch.setattr(planning, "time_decode_step", lambda model, device: 1e3)  # the linears are a sliver
+    config = pifa.CompressionConfig(method="mpifa", latency_table=str(table_file), speedup=1.1)
+    with pytest.raises(ValueError, match=r"speedup 1.1 is out of reach on this machine: the largest predicted "
+                                         r"decode speed-up of the model's decode step is 1\.0\dx"):
+        plan(tiny_model("llama"), config, CALIB, batch_size=2)

@@ -71,19 +71,22 @@ def _brute_force(table: LatencyTable, names, budget: float, ceilings=None) -> fl
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("names", [("a", "b", "c"), ("a", "b", "c", "d")])
 @pytest.mark.parametrize("use_ceilings", [False, True])
-def test_latency_knapsack_equals_brute_force(table, names, use_ceilings):
+@pytest.mark.parametrize("rest", [0.0, 4.0])
+def test_latency_knapsack_equals_brute_force(table, names, use_ceilings, rest):
+    """``rest``: the decode step's time outside these linears (the target is then the whole step's speed-up)."""
     dense = sum(DENSE[n] for n in names)
     ceilings = {n: table.break_even(*SHAPES[n], "pifa") for n in names} if use_ceilings else None
     checked = 0
-    for budget in range(math.ceil(dense / 3), dense):  # every whole-unit budget below dense time
-        speedup = dense / budget
+    for budget in range(math.ceil(dense / 3), dense):  # every whole-unit budget of the linears below dense time
+        speedup = (dense + rest) / (budget + rest)
         best = _brute_force(table, names, budget, ceilings)
         if not math.isfinite(best):
             with pytest.raises(ValueError, match="out of reach"):
-                choose_ranks_for_speedup(_options(names), SHAPES, table, speedup, ceilings=ceilings, bins=budget)
+                choose_ranks_for_speedup(_options(names), SHAPES, table, speedup, ceilings=ceilings, bins=budget,
+                                         rest=rest)
             continue
         ranks, scores = choose_ranks_for_speedup(_options(names), SHAPES, table, speedup, ceilings=ceilings,
-                                                 bins=budget)
+                                                 bins=budget, rest=rest)
         assert sum(_time(table, n, r) for n, r in ranks.items()) <= budget + 1e-9
         assert sum(scores.values()) == pytest.approx(best, abs=1e-12)
         assert all(_time(table, n, r) <= DENSE[n] for n, r in ranks.items())  # nothing slower than dense
@@ -123,7 +126,8 @@ def test_density_bisection_is_never_better_than_the_latency_knapsack(table, caps
     gaps = []
     for speedup in (1.1, 1.2, 1.3, 1.5):
         try:
-            density = _density_for_speedup(SimpleNamespace(speedup=speedup), table, SHAPES, ranks_at)
+            density = _density_for_speedup(SimpleNamespace(speedup=speedup), table, SimpleNamespace(shapes=SHAPES, rest=None),
+                                           ranks_at)
         except ValueError:
             continue
         ranks = ranks_at(density)[0]
@@ -178,7 +182,8 @@ def test_sensitivity_speedup_plan_uses_the_latency_knapsack(tmp_path, monkeypatc
         ranks, scores = choose_ranks(options, shapes, densities, pools, "pifa", ceilings=ceilings)
         return cap_to_break_even(ranks, shapes, ceilings, densities, pools), scores
 
-    bisected = ranks_at(_density_for_speedup(SimpleNamespace(speedup=1.3), table, shapes, ranks_at))[0]
+    bisected = ranks_at(_density_for_speedup(SimpleNamespace(speedup=1.3), table, SimpleNamespace(shapes=shapes, rest=None),
+                                          ranks_at))[0]
     assert kl(chosen.ranks) == pytest.approx(sum(chosen.scores.values()), abs=1e-9)
     assert kl(chosen.ranks) <= kl(bisected) + 1e-9
     print(f"speedup 1.3 on tiny llama: knapsack KL {kl(chosen.ranks):.3e}, density bisection KL {kl(bisected):.3e}")

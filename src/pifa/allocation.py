@@ -2,7 +2,9 @@
 it measures (a dense pass over the calibration data, KL measurements of the whole causal LM) and how it
 chooses per-linear ranks (low-rank methods) or densities (sparse methods); the engine asks :func:`make_plan`
 and never tests allocation names. A latency table (``pifa.latency``) caps every allocation's ranks at each
-linear's break-even rank, and a speed-up target picks the density.
+linear's break-even rank, and a speed-up target picks the density: a target for the whole model's decode step
+where that step can be timed here (an in-memory causal LM on the compression device, one process), else for
+the targeted linears alone.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from .budget import (
 )
 from .capture import capture_block_inputs, record_inputs
 from .config import ALLOCATIONS, CompressionConfig
-from .latency import LatencyTable, load_or_measure, predicted_speedup
+from .latency import LatencyTable, load_or_measure, predicted_speedup, time_decode_step
 from .model import is_attention, linear_shape, linear_weight, on_device
 from .rank_search import spectrum_ranks
 from .sensitivity import MEASURE_TOKENS, MEASURE_VOCAB, SensitivityCache, SensitivityProbe, output_head
-from .speed_plan import choose_ranks_for_speedup
+from .speed_plan import choose_ranks_for_speedup, speedup_scope
 from .streams import Streams, checked_hidden, finite_weight
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,9 @@ class Plan:
     densities: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # what chose each rank (spectrum: discarded energy)
     cost: dict[str, float] = field(default_factory=dict)  # what a measured allocation cost (seconds, passes)
-    speedup: dict[str, float] = field(default_factory=dict)  # with a latency table: predicted, decode / prefill
+    # with a latency table: predicted speed-up of the linears (decode, prefill) and of the model's decode step
+    # (decode_model, where that step was timed)
+    speedup: dict[str, float] = field(default_factory=dict)
     density: float | None = None  # the density planned for (a speedup target chooses it)
 
 
@@ -65,6 +69,7 @@ class Context:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     pools: dict[str, str] = field(default_factory=dict)
     ceilings: dict[str, int] | None = None
+    rest: float | None = None  # seconds of a decode step outside the targeted linears (None: not timed)
     cost: dict[str, float] = field(default_factory=dict)
     # a measured allocation's plan under a latency budget: (table, speedup) -> ranks (None: bisect the density)
     speed_chooser: Callable[[LatencyTable, float], Ranks] | None = None
@@ -115,7 +120,7 @@ def _sensitivity(ctx: Context) -> Callable[[dict[str, float]], Ranks]:
 
     def for_speedup(table: LatencyTable, speedup: float) -> Ranks:
         return choose_ranks_for_speedup(probe.options, ctx.shapes, table, speedup, probe.kind,
-                                        config.rank_multiple_of, ctx.ceilings)
+                                        config.rank_multiple_of, ctx.ceilings, rest=ctx.rest or 0.0)
 
     ctx.speed_chooser = for_speedup
 
@@ -171,11 +176,11 @@ def make_plan(ctx: Context) -> Plan:
         ranks, scores = ctx.speed_chooser(table, config.speedup)
         density = _planned_density(ctx.shapes, ranks)
     else:
-        density = config.density if config.speedup is None else _density_for_speedup(config, table, ctx.shapes,
+        density = config.density if config.speedup is None else _density_for_speedup(config, table, ctx,
                                                                                        ranks_at)
         ranks, scores = ranks_at(density)
     return Plan(ranks=ranks, scores=scores, cost=ctx.cost,
-                speedup=_predicted(table, ctx.shapes, ranks) if table is not None else {}, density=density)
+                speedup=_predicted(table, ctx.shapes, ranks, ctx.rest) if table is not None else {}, density=density)
 
 
 def _planned_density(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> float:
@@ -196,22 +201,33 @@ def _latency(ctx: Context) -> tuple[LatencyTable | None, dict[str, int] | None]:
         table = load_or_measure(config.latency_table, set(shapes.values()), "pifa", device, dtype, measure=False)
     else:
         table = load_or_measure(config.latency_table, set(shapes.values()), "pifa", device, dtype)
+        step = time_decode_step(ctx.model, device)
+        if step is not None:
+            ctx.rest = max(0.0, step - sum(table.time(m, n, "pifa", None) for m, n in shapes.values()))
+            logger.info("decode step of the dense model: %.2f ms, %.2f ms of it outside the targeted linears",
+                        1e3 * step, 1e3 * ctx.rest)
     return table, {name: table.break_even(m, n, "pifa") for name, (m, n) in shapes.items()}
 
 
-def _predicted(table: LatencyTable, shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> dict[str, float]:
-    """Predicted speed-up of the targeted linears at decode and prefill (full rank: kept dense)."""
+def _predicted(table: LatencyTable, shapes: dict[str, tuple[int, int]], ranks: dict[str, int],
+               rest: float | None = None) -> dict[str, float]:
+    """Predicted speed-up of the targeted linears at decode and prefill (full rank: kept dense), and of the
+    model's decode step (``decode_model``) when ``rest``, its seconds outside these linears, is known."""
     planned = {name: None if rank >= min(shapes[name]) else rank for name, rank in ranks.items()}
-    return {kind: predicted_speedup(table, shapes, planned, "pifa", prefill=kind == "prefill")
-            for kind in ("decode", "prefill")}
+    speed = {kind: predicted_speedup(table, shapes, planned, "pifa", prefill=kind == "prefill")
+             for kind in ("decode", "prefill")}
+    if rest is not None:
+        speed["decode_model"] = predicted_speedup(table, shapes, planned, "pifa", rest=rest)
+    return speed
 
 
-def _density_for_speedup(config: CompressionConfig, table: LatencyTable, shapes: dict[str, tuple[int, int]],
+def _density_for_speedup(config: CompressionConfig, table: LatencyTable, ctx: Context,
                          ranks_at: Callable[[float], tuple[dict[str, int], dict[str, float]]]) -> float:
-    """The largest density whose plan's predicted decode speed-up of the linears reaches ``config.speedup``
-    (bisection; the speed-up falls as the density grows)."""
+    """The largest density whose plan's predicted decode speed-up (of the model's decode step where it was
+    timed, else of the linears) reaches ``config.speedup`` (bisection; the speed-up falls as the density grows)."""
     def reaches(density: float) -> tuple[bool, float]:
-        speed = _predicted(table, shapes, ranks_at(density)[0])["decode"]
+        planned = {n: None if r >= min(ctx.shapes[n]) else r for n, r in ranks_at(density)[0].items()}
+        speed = predicted_speedup(table, ctx.shapes, planned, "pifa", rest=ctx.rest or 0.0)
         return speed >= config.speedup, speed
 
     low, high = 0.05, 1.0
@@ -225,7 +241,7 @@ def _density_for_speedup(config: CompressionConfig, table: LatencyTable, shapes:
             low += 0.05
     if not ok:
         raise ValueError(f"speedup {config.speedup} is out of reach on this machine: the largest predicted decode "
-                         f"speed-up of these linears is {best:.2f}x (at density {low})")
+                         f"speed-up of {speedup_scope(ctx.rest)} is {best:.2f}x (at density {low})")
     for _ in range(20):
         middle = (low + high) / 2
         low, high = (middle, high) if reaches(middle)[0] else (low, middle)

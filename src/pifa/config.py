@@ -113,9 +113,11 @@ class CompressionConfig:
                                              "there when missing); no linear is planned at a rank whose PIFA form "
                                              "decodes slower than its dense form: it stays dense instead")
     speedup: float | None = _field(None, "PIFA plans with a latency table: plan for this predicted decode speed-up "
-                                         "of the targeted linears instead of a density (sensitivity ranks: the least "
-                                         "measured KL within that latency budget; other allocations: the largest "
-                                         "density that reaches it)")
+                                         "instead of a density: of the whole model's decode step (timed on the "
+                                         "dense model, in memory on the compression device, one process), else of "
+                                         "the targeted linears (sensitivity ranks: the least measured KL within "
+                                         "that latency budget; other allocations: the largest density that reaches "
+                                         "it)")
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:

@@ -7,8 +7,11 @@ tokens), measured on one device, dtype and thread count (its ``key``), with cold
 weights from memory, as each linear does when the rest of the model ran in between; a layer timed hot in
 cache overstates what its extra kernel launches cost against the bytes it saves). From it come each shape's
 **break-even rank** (the largest rank whose factored form decodes no slower than the dense layer) and the
-predicted speed-up of a plan. Tables are cached in a JSON file (:func:`load_or_measure`); a table measured
-elsewhere (another device, dtype, thread count or torch) is never used silently.
+predicted speed-up of a plan: of the targeted linears, and of the whole model's decode step once that step
+is timed (:func:`time_decode_step`: what is not a targeted linear, the output head, attention, norms and the
+framework's own work, costs the same before and after). Tables are cached in a JSON file
+(:func:`load_or_measure`); a table measured elsewhere (another device, dtype, thread count or torch) is never
+used silently.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 
 from .budget import rank_kind
 from .layers import LowRankLinear, PivotLinear
+from .model import kv_cache_name
 
 FORMAT = "pifa-latency-table"
 VERSION = 2  # 2: cold weights (rotating copies past the last-level cache); 1 timed each layer hot in cache
@@ -35,6 +39,8 @@ PREFILL = 128  # tokens of the prefill measurement
 GRID = 12  # ranks measured per shape and kind, evenly spaced up to full rank
 ROUNDS = 9  # interleaved timing rounds; the median is kept
 ROUND_SECONDS = 4e-3  # each form's calls per round last about this long
+DECODE_CONTEXT = 64  # tokens in the KV cache when a whole model's decode step is timed
+DECODE_STEPS = 9  # decode steps timed (after one warm-up step); the median is kept
 MAX_COPIES = 256  # rotating copies of one form at most (tiny shapes stay partly in cache)
 DEFAULT_CACHE_BYTES = 32 * 2**20  # last-level cache assumed where the system does not say
 
@@ -255,8 +261,44 @@ def _write(path: Path, table: LatencyTable) -> None:
 
 
 def predicted_speedup(table: LatencyTable, shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None],
-                      kind: str, prefill: bool = False) -> float:
-    """Dense time of the targeted linears over their planned time (``ranks[name]`` None: kept dense)."""
+                      kind: str, prefill: bool = False, rest: float = 0.0) -> float:
+    """Dense time of the targeted linears over their planned time (``ranks[name]`` None: kept dense), each plus
+    ``rest``: the seconds of everything else in the step (0: the speed-up of the linears alone)."""
     dense = sum(table.time(m, n, kind, None, prefill) for m, n in shapes.values())
     planned = sum(table.time(m, n, kind, ranks.get(name), prefill) for name, (m, n) in shapes.items())
-    return dense / planned
+    return (dense + rest) / (planned + rest)
+
+
+def time_decode_step(model: nn.Module, device: torch.device | str, context: int = DECODE_CONTEXT,
+                     steps: int = DECODE_STEPS) -> float | None:
+    """Seconds of one decode step of a causal LM (batch 1, a KV cache of ``context`` tokens; the median of
+    ``steps`` after a warm-up step), or None when the model cannot be timed so: it does not generate, or its
+    weights are not all on ``device`` (streamed, offloaded, meta)."""
+    device = torch.device(device)
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        return None
+    if any(p.device.type != device.type or (device.index is not None and p.device != device)
+           for p in model.parameters()):
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(context, device=device).remainder(vocab).unsqueeze(0)
+    training, times = model.training, []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            name = kv_cache_name(model)
+            cache = getattr(model(input_ids=ids, use_cache=True), name, None)
+            if cache is None:
+                return None
+            for _ in range(steps + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                cache = getattr(model(input_ids=ids[:, -1:], use_cache=True, **{name: cache}), name)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(training)
+    return statistics.median(times[1:])

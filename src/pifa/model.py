@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -207,3 +208,8 @@ def context_limit(model: nn.Module) -> int | None:
     it declares none: a missing or non-integer value, or a non-positive one (XLNet's -1 means no limit)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def kv_cache_name(model: nn.Module) -> str:
+    """The KV cache's argument and output name: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -40,7 +40,8 @@ class CompressionReport:
     calibration_tokens: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     allocation_cost: dict[str, float] = field(default_factory=dict)  # a measured allocation's seconds and passes
-    predicted_speedup: dict[str, float] = field(default_factory=dict)  # latency-table plans: decode, prefill
+    # latency-table plans: the linears' decode and prefill, the whole model's decode step (decode_model) if timed
+    predicted_speedup: dict[str, float] = field(default_factory=dict)
     replay_difference: float | None = None  # the guard's largest |replay - model's own forward| (see capture)
 
     @contextlib.contextmanager

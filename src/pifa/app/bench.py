@@ -7,7 +7,6 @@ shared machine.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import resource
 import statistics
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..budget import rank_for_density
 from ..layers import LowRankLinear, PivotLinear
-from ..model import find_blocks, is_linear, linear_shape, set_module
+from ..model import find_blocks, is_linear, kv_cache_name, linear_shape, set_module
 from .timing import interleaved_medians, sync
 
 logger = logging.getLogger(__name__)
@@ -158,14 +157,9 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _cache_name(model: nn.Module) -> str:
-    """The KV cache's argument and output name: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, device: str) -> float:
     """Seconds for ``steps`` greedy single-token forwards with the KV cache (the prompt is not timed)."""
-    name = _cache_name(model)
+    name = kv_cache_name(model)
     out = model(input_ids=prompt, use_cache=True)
     past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
     sync(device)
