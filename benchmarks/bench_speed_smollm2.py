@@ -39,7 +39,7 @@ from pifa.tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
-from demo_smollm2 import smollm2_gguf  # noqa: E402
+from demo_smollm2 import seeded_cache, smollm2_gguf  # noqa: E402
 
 # name -> CompressionConfig fields beside method="mpifa" and the latency table
 PLANS: dict[str, dict[str, Any]] = {
@@ -58,7 +58,7 @@ PLANS: dict[str, dict[str, Any]] = {
 
 def compress_plans(dense: torch.nn.Module, tokenizer: Any, calib: torch.Tensor, test_text: str,
                    args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], list[dict[str, Any]]]:
-    cache = pifa.SensitivityCache(args.sensitivity_cache)
+    cache = seeded_cache(args.sensitivity_cache)  # a copy of the demo's shipped measurements when missing
     models, rows = {"dense": dense}, []
     ppl = perplexity_of_text(dense, tokenizer, test_text, 512, 4, 16)["ppl"]
     rows.append({"plan": "dense", "density": 1.0, "pred_decode_x": 1.0, "pred_prefill_x": 1.0,

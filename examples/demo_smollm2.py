@@ -85,11 +85,9 @@ def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def sensitivity_cache(args: argparse.Namespace) -> pifa.SensitivityCache | None:
-    """The sensitivity cache the demo plans with (None for other allocations), seeded from the shipped one."""
-    if args.allocation != "sensitivity":
-        return None
-    path = Path(args.sensitivity_cache)
+def seeded_cache(path: str | Path) -> pifa.SensitivityCache:
+    """The sensitivity cache at ``path``, a copy of the shipped one when ``path`` does not exist yet."""
+    path = Path(path)
     if not path.exists() and SHIPPED_CACHE.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SHIPPED_CACHE, path)
@@ -143,7 +141,8 @@ def main() -> None:
         Path(table).parent.mkdir(parents=True, exist_ok=True)
     config = pifa.CompressionConfig(density=None if speedup else args.density, method=args.method,
                                     allocation=args.allocation, latency_table=table, speedup=speedup)
-    report = pifa.compress(model, config, calib, device="cpu", sensitivity_cache=sensitivity_cache(args))
+    cache = seeded_cache(args.sensitivity_cache) if args.allocation == "sensitivity" else None
+    report = pifa.compress(model, config, calib, device="cpu", sensitivity_cache=cache)
     steps.update()
     steps.set_description("demo: saving and reloading with transformers")
     with tempfile.TemporaryDirectory() as tmp:

@@ -241,7 +241,7 @@ def _density_for_speedup(config: CompressionConfig, table: LatencyTable, ctx: Co
             low += 0.05
     if not ok:
         raise ValueError(f"speedup {config.speedup} is out of reach on this machine: the largest predicted decode "
-                         f"speed-up of {speedup_scope(ctx.rest)} is {best:.2f}x (at density {low})")
+                         f"speed-up of {speedup_scope(ctx.rest)} is {best:.2f}x (at density {low:.2f})")
     for _ in range(20):
         middle = (low + high) / 2
         low, high = (middle, high) if reaches(middle)[0] else (low, middle)
