@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pifa
-from helpers import tiny_model
+from helpers import MATRIX_CONFIGS, tiny_model
 from pifa import latency
 from pifa.budget import layer_parameters
 from pifa.compress import plan
@@ -196,10 +196,13 @@ def test_cache_bytes_reads_a_size():
     assert latency.cache_bytes("cpu") >= 2**10
 
 
-def test_the_decode_step_is_timed_for_in_memory_causal_lms_only():
-    assert latency.time_decode_step(tiny_model("llama"), "cpu") > 0
-    assert latency.time_decode_step(tiny_model("bert"), "cpu") is None  # an encoder does not decode
-    assert latency.time_decode_step(tiny_model("llama"), "meta") is None  # its weights are elsewhere
+@pytest.mark.parametrize("name", sorted(MATRIX_CONFIGS))
+def test_the_decode_step_is_timed_for_in_memory_causal_lms_only(name):
+    model = tiny_model(name)
+    seconds = latency.time_decode_step(model, "cpu")
+    assert seconds is None if name == "bert" else seconds > 0  # an encoder does not decode
+    assert latency.time_decode_step(model, "meta") is None  # its weights are elsewhere
+    assert not model.training
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
