@@ -234,3 +234,16 @@ def test_an_unreachable_whole_model_speedup_names_the_largest(table_file, monkey
     with pytest.raises(ValueError, match=r"speedup 1.1 is out of reach on this machine: the largest predicted "
                                          r"decode speed-up of the model's decode step is 1\.0\dx"):
         plan(tiny_model("llama"), config, CALIB, batch_size=2)
+
+
+def test_report_summary_names_the_speedup_target_and_the_prediction():
+    from pifa.report import CompressionReport, ModuleReport
+
+    modules = [ModuleReport("a", "pivot", 4, 4, 2, 16, 12, 0.1)]
+    by_density = CompressionReport({"density": 0.5}, modules).table().splitlines()[-1]
+    assert "(target 0.5)" in by_density and "predicted" not in by_density
+    speed = {"decode": 1.34, "prefill": 1.48, "decode_model": 1.2}
+    by_speed = CompressionReport({"density": 0.5, "speedup": 1.2}, modules, predicted_speedup=speed).table()
+    summary = by_speed.splitlines()[-1]
+    assert "(target decode speed-up 1.2x)" in summary and "0.5" not in summary
+    assert "decode 1.34x, prefill 1.48x; of the whole model's decode step: 1.20x" in summary

@@ -115,12 +115,25 @@ class CompressionReport:
              "before": m.params_before, "after": m.params_after, "calib_err": f"{m.calib_error:.4f}"}
             for m in self.modules
         ]
+        speedup = self.config.get("speedup")
+        target = f"decode speed-up {speedup}x" if speedup else self.config.get("density")
         summary = (
             f"{len(self.modules)} modules, {self.params_after:,} of {self.params_before:,} weights kept: "
-            f"density {self.density:.4f} (target {self.config.get('density')}), {self.seconds:.1f} s"
+            f"density {self.density:.4f} (target {target}), {self.seconds:.1f} s"
         )
+        if self.predicted_speedup:
+            summary += "; " + speedup_summary(self.predicted_speedup)
         if self.allocation_cost:
             cost = self.allocation_cost
             summary += (f"; the {self.config.get('allocation')} allocation took {cost['seconds']:.1f} s "
                         f"and {cost['forward_passes']:,} block forward passes")
         return format_table(rows) + "\n" + summary
+
+
+def speedup_summary(predicted: dict[str, float]) -> str:
+    """A latency-table plan's predicted speed-ups in words (``Report.predicted_speedup``, a plan's ``speedup``)."""
+    text = (f"predicted speed-up of these linears: decode {predicted['decode']:.2f}x, "
+            f"prefill {predicted['prefill']:.2f}x")
+    if "decode_model" in predicted:
+        text += f"; of the whole model's decode step: {predicted['decode_model']:.2f}x"
+    return text

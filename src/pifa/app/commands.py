@@ -29,6 +29,7 @@ from ..evaluate import encoder_fidelity, mean_pooled_embeddings, perplexity_of_t
 from ..format import CONFIG_NAME, check_tensor_shapes, read_pifa_config, weight_files
 from ..io import load_compressed, save_compressed
 from ..model import context_limit
+from ..report import speedup_summary
 from ..sensitivity import SensitivityCache
 from ..streaming import StreamedWeights, check_block_memory
 from ..tables import format_table
@@ -198,12 +199,11 @@ def _print_plan(model: Any, config: CompressionConfig, calib: torch.Tensor, devi
           "nothing written")
     if chosen.speedup:
         dense = sum(1 for r in rows if r["density"] == 1.0)
-        print(f"predicted speed-up of these linears (latency table {config.latency_table}): decode "
-              f"{chosen.speedup['decode']:.2f}x, prefill {chosen.speedup['prefill']:.2f}x; {dense} linears stay dense "
-              "(no PIFA rank of theirs is faster)")
+        print(f"{speedup_summary(chosen.speedup)} (latency table {config.latency_table}); {dense} linears stay "
+              "dense (no PIFA rank of theirs is faster)")
         if "decode_model" in chosen.speedup:
-            print(f"predicted decode speed-up of the whole model: {chosen.speedup['decode_model']:.2f}x (its dense "
-                  "decode step timed here; what is not a targeted linear costs the same after)")
+            print("the whole model's dense decode step was timed here; what is not a targeted linear costs the "
+                  "same after")
     return 0
 
 
