@@ -132,3 +132,13 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def tree(root: Path) -> list[str]:
     """Every path under ``root``, relative, sorted."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def factor_layout_ok(layer: torch.nn.Module) -> bool:
+    """Whether a compressed layer's factors are stored as ``pifa.layers.column_major`` says: tall ones
+    column-major, the others row-major."""
+    return all(tensor_layout_ok(param) for name, param in layer.named_parameters() if name != "bias")
+
+
+def tensor_layout_ok(tensor: torch.Tensor) -> bool:
+    return tensor.t().is_contiguous() if tensor.shape[0] > tensor.shape[1] else tensor.is_contiguous()

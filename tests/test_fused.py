@@ -10,9 +10,10 @@ import torch
 import torch._dynamo
 
 import pifa
-from helpers import MATRIX_CONFIGS, model_output, tiny_model
+from helpers import MATRIX_CONFIGS, factor_layout_ok, model_output, tensor_layout_ok, tiny_model
 from pifa import LowRankLinear, PivotLinear
 from pifa.fused import FusedGroup
+from pifa.layers import is_compressed
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -33,11 +34,14 @@ def test_fused_equals_unfused_on_the_matrix(arch):
     assert pifa.fused_groups(model) == groups
     if arch in ("llama", "qwen2", "mistral", "gemma", "opt", "bert"):  # separate q/k/v projections at least
         assert any(len(g) >= 3 for g in groups), groups
+    shared = {id(m._fused[0]): m._fused[0] for m in model.modules() if getattr(m, "_fused", None) is not None}
+    assert all(tensor_layout_ok(group.weight) for group in shared.values())
     got = model_output(model, IDS)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert pifa.unfuse_siblings(model) == sum(len(g) for g in groups)
+    assert all(factor_layout_ok(m) for m in model.modules() if is_compressed(m))
     assert torch.allclose(model_output(model, IDS), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pifa
-from helpers import MATRIX_CONFIGS, tiny_model
+from helpers import MATRIX_CONFIGS, factor_layout_ok, tiny_model
 from pifa import LowRankLinear, PivotLinear
 
 
@@ -198,3 +198,26 @@ def test_compiled_static_cache_generate_equals_eager(arch):
         model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")  # fullgraph: a break raises
         compiled = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
     assert torch.equal(compiled, expected)
+
+
+@pytest.mark.parametrize("cls", [PivotLinear, LowRankLinear])
+def test_factors_keep_their_layout_through_casts_copies_and_loads(cls):
+    import copy
+
+    up, down = torch.randn(24, 6, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    layer = cls.from_factors(up, down, torch.randn(24, dtype=torch.float64)).float()
+    x = torch.randn(3, 10)
+    expected = layer(x)
+    assert factor_layout_ok(layer) and factor_layout_ok(copy.deepcopy(layer))
+    assert factor_layout_ok(copy.deepcopy(layer).to(torch.bfloat16))
+    empty = cls(10, 24, 6, device="meta").to_empty(device="cpu")
+    empty.load_state_dict(layer.state_dict())
+    assert factor_layout_ok(empty) and torch.equal(empty(x), expected)
+    # a loader that assigns row-major tensors (transformers 5): relayout_ restores the layout, same values
+    assigned = cls(10, 24, 6, device="meta")
+    assigned.load_state_dict({k: v.contiguous() for k, v in layer.state_dict().items()}, assign=True)
+    if cls is PivotLinear:
+        assigned._refresh_index()
+    assert not factor_layout_ok(assigned)
+    assigned.relayout_()
+    assert factor_layout_ok(assigned) and torch.equal(assigned(x), expected)

@@ -134,7 +134,7 @@ def broadcast_module(module: nn.Module) -> None:
     if not active():
         return
     for tensor in module.state_dict().values():
-        comm = tensor.detach().to(_comm_device())
+        comm = tensor.detach().to(_comm_device()).contiguous()  # collectives need contiguous tensors
         dist.broadcast(comm, src=0)
         if comm.data_ptr() != tensor.data_ptr():
             tensor.detach().copy_(comm)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LowRankLinear, PivotLinear, is_compressed
+from .layers import LowRankLinear, PivotLinear, is_compressed, laid_out
 
 FIRST_STAGE = {PivotLinear: "pivot_weight", LowRankLinear: "down"}
 """The name of each compressed kind's first-stage (rank, in) weight."""
@@ -59,7 +59,7 @@ class FusedGroup:
         """Concatenate the members' first-stage weights and point every member's parameter at its rows."""
         with torch.no_grad():
             params = [getattr(m, first_stage_name(m)) for m in self.members]
-            self.weight = torch.cat([p.detach() for p in params], dim=0)
+            self.weight = laid_out(torch.cat([p.detach() for p in params]))  # as one factor of its shape is
             for member, param, (a, b) in zip(self.members, params, self.bounds):
                 param.data = self.weight[a:b]
                 member._fused_ptr = param.data_ptr()
@@ -139,6 +139,7 @@ def unfuse_siblings(model: nn.Module) -> int:
             param = getattr(module, first_stage_name(module))
             param.data = param.detach().clone()
             module._fused = None
+            module.relayout_()  # the clone of a row block of the group's weight may be laid out otherwise
             count += 1
     return count
 

@@ -158,6 +158,8 @@ class PifaHfQuantizer(HfQuantizer):
             check_loading_info(info, _CHECKPOINT)
         with torch.no_grad():
             for name, module in model.named_modules():
+                if is_compressed(module):
+                    module.relayout_()
                 if not isinstance(module, PivotLinear):
                     continue
                 if module.pivot_index.device.type == "meta":  # offloaded to disk with offload_buffers=True

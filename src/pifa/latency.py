@@ -37,7 +37,7 @@ from .model import kv_cache_name
 logger = logging.getLogger(__name__)
 
 FORMAT = "pifa-latency-table"
-VERSION = 2  # 2: cold weights (rotating copies past the last-level cache); 1 timed each layer hot in cache
+VERSION = 3  # 3: factors laid out by shape (pifa.layers.column_major); 2: cold weights; 1 timed each layer hot in cache
 PREFILL = 128  # tokens of the prefill measurement
 GRID = 12  # ranks measured per shape and kind, evenly spaced up to full rank
 ROUNDS = 9  # interleaved timing rounds; the median is kept
@@ -135,8 +135,8 @@ class LatencyTable:
     def from_dict(cls, data: object, source: str) -> LatencyTable:
         if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") != VERSION:
             raise ValueError(f"{source} was measured by another pifa (latency table version {data.get('version')!r}, "
-                             f"this pifa reads version {VERSION}: cold-weight timings); give another file or delete "
-                             "it to measure again")
+                             f"this pifa reads version {VERSION}: cold weights, factors laid out by shape); give "
+                             "another file or delete it to measure again")
         try:
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError
