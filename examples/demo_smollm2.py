@@ -96,7 +96,7 @@ def seeded_cache(path: str | Path) -> pifa.SensitivityCache:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--speedup", type=float, default=1.08,
+    parser.add_argument("--speedup", type=float, default=1.15,
                         help="plan for this predicted decode speed-up of the whole model (0: plan for --density)")
     parser.add_argument("--density", type=float, default=0.9, help="the parameter budget when --speedup is 0")
     parser.add_argument("--allocation", default="sensitivity",
