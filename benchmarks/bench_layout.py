@@ -4,12 +4,13 @@ transpose contiguous), side by side; then SmolLM2's whole decode step with each 
     python benchmarks/bench_layout.py --threads 2 --json results/layout.json > results/layout.txt
 
 Shapes: SmolLM2-135M's linears (576 hidden, 1536 MLP, 192 k/v) and the factors of a rank-288 layer; tokens
-T = 1 (decode), 8, 128 (prefill). Weights are cold as in a model's forward (rotating copies past twice the
+T = 1 (decode), 8, 128 and 512 (prefill). Weights are cold as in a model's forward (rotating copies past twice the
 last-level cache, as the latency tables do). Rounds are interleaved; medians. ``speedup`` = row-major time /
 column-major time. What this shows is pifa's rule, ``pifa.layers.column_major``: tall factors column-major,
 wide ones row-major.
 
-The model part times one decode step (64 tokens of context, ``pifa.latency.time_decode_step``) of
+The model part times one decode step (64 tokens of context, ``pifa.latency.time_decode_step``) and a
+512-token prefill of
 SmolLM2-135M-Instruct and of copies whose block linears are random PIFA layers at densities 0.9/0.7/0.5,
 with every factor row-major and with pifa's rule; and the dense model with the same rule applied to its own
 linears (head included), which pifa does not do: it shows how much of the gain a dense model could have
@@ -37,6 +38,7 @@ from pifa.tables import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+PREFILL = 512  # tokens of the whole-model prefill
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (288, 576), (576, 288), (288, 1536), (1536, 288)]
 
 
@@ -72,19 +74,28 @@ def model_rows(rounds: int) -> list[dict]:
         pifa = random_pivot_copy(dense, density)
         models[(f"pifa@{density}", "row-major")] = _relaid(pifa, PivotLinear, False)
         models[(f"pifa@{density}", "by shape")] = _relaid(pifa, PivotLinear, True)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in models}
-    for _ in range(rounds):
-        for key, model in models.items():
-            times[key].append(time_decode_step(model, "cpu"))
-    stock = statistics.median(times[("dense", "row-major (stock)")])
-    return [{"model": name, "layout": layout, "decode_ms": round(statistics.median(t) * 1e3, 2),
-             "vs_stock_dense": round(stock / statistics.median(t), 3)} for (name, layout), t in times.items()]
+    ids = torch.arange(PREFILL).unsqueeze(0)
+    decode: dict[tuple[str, str], list[float]] = {key: [] for key in models}
+    prefill: dict[tuple[str, str], list[float]] = {key: [] for key in models}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for key, model in models.items():
+                decode[key].append(time_decode_step(model, "cpu"))
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                prefill[key].append(time.perf_counter() - start)
+    stock = ("dense", "row-major (stock)")
+    d0, p0 = statistics.median(decode[stock]), statistics.median(prefill[stock])
+    return [{"model": name, "layout": layout, "decode_ms": round(statistics.median(decode[name, layout]) * 1e3, 2),
+             "decode_vs_stock_dense": round(d0 / statistics.median(decode[name, layout]), 3),
+             f"prefill{PREFILL}_vs_stock_dense": round(p0 / statistics.median(prefill[name, layout]), 3)}
+            for name, layout in models]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--tokens", default="1,8,128")
+    parser.add_argument("--tokens", default="1,8,128,512")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-model", action="store_true", help="the shapes only (no SmolLM2)")
     parser.add_argument("--json", help="write the rows here")
@@ -115,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(r['speedup'] for r in rows if r['tokens'] == tokens):.3f}x")
     whole = [] if args.no_model else model_rows(max(3, args.rounds // 2))
     if whole:
-        print("\nSmolLM2-135M-Instruct, one decode step (batch 1, 64 tokens of context), fp32")
+        print(f"\nSmolLM2-135M-Instruct, one decode step (batch 1, 64 tokens of context) and a {PREFILL}-token "
+              "prefill, fp32")
         print(format_table(whole))
     if args.json:
         data = {"threads": torch.get_num_threads(), "rows": rows, "model": whole}

@@ -47,8 +47,8 @@ def column_major(rows: int, cols: int) -> bool:
     """How a (rows, cols) factor is stored: column-major (its transpose contiguous) when it has more rows
     than columns, row-major otherwise. ``x @ W^T`` for one token then runs about 1.4-2x faster on CPU for a
     tall factor (the up factor, PIFA's coefficients) and keeps the faster row-major form for a wide one (the
-    down factor, the pivot rows); prefill is within a few percent either way (``benchmarks/bench_layout.py``:
-    the shapes alone and SmolLM2's whole decode step)."""
+    down factor, the pivot rows); each shape alone prefills within 0.91-1.09x either way
+    (``benchmarks/bench_layout.py``: the shapes alone and SmolLM2's whole decode step and prefill)."""
     return rows > cols
 
 
